@@ -1,0 +1,294 @@
+"""Diffusion MRI: gradient tables, b=0 handling and the :class:`DWI` dataset.
+
+Conventions follow nifreeze 0.1.0: ``gradients`` is an (N, 4) table of unit
+direction + b-value rows; a volume is a *b=0* when its b-value is at most
+``B0_THRESHOLD``; non-unit directions are normalised and their b-value multiplied
+by the norm, and near-zero directions mark b=0 volumes.  The b=0 volumes leave
+``dataobj`` (a deferred selection) and are summarised in ``bzero``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import attrs
+import dask.array as da
+import numpy as np
+
+from .cache import Cache
+from .dataset import BaseDataset
+from .errors import InputError
+from .sources import check_readable, open_source
+
+B0_THRESHOLD = 50.0
+MIN_DIFFUSION_VOLUMES = 6
+GRADIENT_ATOL = 1e-2
+
+
+def normalize_gradients(table, path: str | None = None) -> np.ndarray:
+    """Return an (N, 4) float table with unit directions and rescaled b-values.
+
+    Parameters
+    ----------
+    table : array-like (N, 4) or (4, N)
+        Directions (3 columns) and b-values (last column).
+    path : str, optional
+        File the table came from, for error messages.
+
+    Examples
+    --------
+    >>> normalize_gradients([[2.0, 0, 0, 1000], [0, 0, 0, 0]]).tolist()
+    [[1.0, 0.0, 0.0, 2000.0], [0.0, 0.0, 0.0, 0.0]]
+    """
+    table = np.array(table, dtype=float)
+    if table.ndim != 2 or 4 not in table.shape:
+        raise InputError(f"gradient table must be (N, 4) or (4, N), got {table.shape}", path)
+    if table.shape[1] != 4:
+        table = table.T
+    if not np.all(np.isfinite(table)):
+        raise InputError("gradient table has NaN or infinite values", path)
+    norms = np.linalg.norm(table[:, :3], axis=1)
+    null = norms < GRADIENT_ATOL
+    table[null] = 0.0
+    rescale = ~null & ~np.isclose(norms, 1.0, atol=GRADIENT_ATOL)
+    table[rescale, :3] /= norms[rescale, None]
+    table[rescale, 3] *= norms[rescale]
+    table[~null & ~rescale, :3] /= norms[~null & ~rescale, None]
+    if np.any(table[:, 3] < 0):
+        raise InputError("gradient table has negative b-values", path)
+    return table
+
+
+def _loadtxt(path, what: str) -> np.ndarray:
+    path = check_readable(path)
+    try:
+        return np.loadtxt(path, dtype=float, ndmin=2)
+    except ValueError as exc:
+        raise InputError(f"cannot parse {what} file ({exc})", path) from exc
+
+
+def read_gradients(
+    bvec_file=None, bval_file=None, gradients_file=None, n_volumes: int | None = None
+) -> np.ndarray:
+    """Read a gradient table from ``.bvec``/``.bval`` files or a 4-column RAS+B file.
+
+    ``.bvec`` may be 3xN or Nx3; ``gradients_file`` takes precedence when given.
+    The count must match ``n_volumes`` when that is given.
+    """
+    if gradients_file is not None:
+        source = os.fspath(gradients_file)
+        table = normalize_gradients(_loadtxt(gradients_file, "gradients"), source)
+    elif bvec_file is not None and bval_file is not None:
+        source = os.fspath(bvec_file)
+        bvecs = _loadtxt(bvec_file, "b-vector")
+        bvals = _loadtxt(bval_file, "b-value").ravel()
+        if bvecs.shape[0] != 3 and bvecs.shape[1] == 3:
+            bvecs = bvecs.T
+        if bvecs.shape[0] != 3:
+            raise InputError(f"b-vectors must be 3xN or Nx3, got {bvecs.shape}", bvec_file)
+        if bvecs.shape[1] != bvals.size:
+            raise InputError(
+                f"{bvecs.shape[1]} b-vectors but {bvals.size} b-values in {bval_file}", bvec_file
+            )
+        table = normalize_gradients(np.vstack((bvecs, bvals)).T, source)
+    else:
+        raise InputError("no gradient information: give bvec_file + bval_file or gradients_file")
+    if n_volumes is not None and len(table) != n_volumes:
+        raise InputError(
+            f"gradient table has {len(table)} entries but the series has {n_volumes} volumes",
+            source,
+        )
+    return table
+
+
+def load_mask(path, shape3d: tuple[int, ...], what: str = "brain mask") -> np.ndarray:
+    """Read a 3D mask file (NIfTI, .npy) as bool; its shape must be ``shape3d``."""
+    source = open_source(path, cache=Cache())
+    if source.shape[:3] != tuple(shape3d) or source.shape[3] != 1:
+        raise InputError(
+            f"{what} shape {source.shape[:3]} differs from the series {shape3d}", path
+        )
+    return source[:, :, :, 0:1][..., 0] != 0
+
+
+def find_shells(bvals: np.ndarray, num_bins: int = 15, bval_cap: float = 8000.0) -> list:
+    """Group b-values into shells by histogram binning (as nifreeze does).
+
+    Returns a list of ``(estimated_bvalue, indices)``, the estimate being the
+    median b-value of the group.
+    """
+    bvals = np.asarray(bvals, dtype=float)
+    upper = min(bvals.max(), bval_cap) if bvals.size else 1.0
+    edges = np.histogram_bin_edges(bvals, bins=num_bins, range=(-1, max(upper, 0.0)))
+    shells = []
+    for lower, upper in zip(edges[:-1], edges[1:], strict=True):
+        members = np.flatnonzero((bvals > lower) & (bvals <= upper))
+        if members.size:
+            shells.append((float(np.median(bvals[members])), members))
+    return shells
+
+
+def _check_gradients(inst, attribute, value) -> None:
+    if value is None:
+        raise InputError("a DWI needs a gradient table")
+
+
+@attrs.define(eq=False, repr=False, slots=False)
+class DWI(BaseDataset):
+    """A diffusion-weighted series without its b=0 volumes.
+
+    Parameters
+    ----------
+    gradients : ndarray (N, 4)
+        Unit direction (RAS) and b-value per diffusion-weighted volume.
+    bzero : ndarray or dask array (X, Y, Z), optional
+        The b=0 reference (lazy median of the b=0 volumes when read from a series).
+    """
+
+    gradients: np.ndarray = attrs.field(default=None, validator=_check_gradients, kw_only=True)
+    bzero: np.ndarray | da.Array | None = attrs.field(default=None, kw_only=True)
+
+    volume_fields = (*BaseDataset.volume_fields, "gradients")
+    nfdh5_type = "dmri"
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.gradients = normalize_gradients(self.gradients)
+        if len(self.gradients) != len(self):
+            raise InputError(
+                f"gradient table has {len(self.gradients)} entries "
+                f"but the series has {len(self)} volumes"
+            )
+        if self.bzero is not None and tuple(self.bzero.shape) != self.shape3d:
+            raise InputError(
+                f"b=0 volume shape {tuple(self.bzero.shape)} differs from the series {self.shape3d}"
+            )
+
+    @property
+    def bvals(self) -> np.ndarray:
+        """b-values (N,)."""
+        return self.gradients[:, 3]
+
+    @property
+    def bvecs(self) -> np.ndarray:
+        """Unit gradient directions (N, 3)."""
+        return self.gradients[:, :3]
+
+    def get_shells(self, num_bins: int = 15, bval_cap: float = 8000.0) -> list:
+        """Shells as ``(estimated_bvalue, volume_indices)`` pairs; see :func:`find_shells`."""
+        return find_shells(self.bvals, num_bins=num_bins, bval_cap=bval_cap)
+
+    def _extras(self, positions, single):
+        return (self.gradients[positions[0]] if single else self.gradients[positions],)
+
+    def _resampled_fields(self) -> dict:
+        from .resample import rotate_bvecs
+
+        if self.motion_affines is None:
+            return {}
+        gradients = self.gradients.copy()
+        gradients[:, :3] = rotate_bvecs(self.bvecs, self.affine, self.motion_affines)
+        return {"gradients": gradients}
+
+    def _materialized_fields(self) -> dict:
+        if isinstance(self.bzero, da.Array):
+            return {"bzero": self.bzero.compute()}
+        return {}
+
+    def _describe(self) -> list[str]:
+        shells = ", ".join(f"b={b:g}:{len(idx)}" for b, idx in self.get_shells())
+        bzero = (
+            "none"
+            if self.bzero is None
+            else ("lazy" if isinstance(self.bzero, da.Array) else "yes")
+        )
+        return [f"shells=[{shells}]", f"bzero={bzero}"]
+
+
+def split_b0(
+    data: da.Array, gradients: np.ndarray, threshold: float = B0_THRESHOLD
+) -> tuple[np.ndarray, da.Array | None]:
+    """Indices of diffusion-weighted volumes and the lazy b=0 reference.
+
+    The reference is the single b=0 volume, or the voxel-wise median of several
+    (float32), or ``None`` without any.
+    """
+    is_b0 = gradients[:, 3] <= threshold
+    b0_index = np.flatnonzero(is_b0)
+    if b0_index.size == 0:
+        return np.flatnonzero(~is_b0), None
+    b0s = data[..., b0_index]
+    if b0_index.size == 1:
+        bzero = b0s[..., 0].astype(np.float32)
+    else:
+        bzero = da.median(b0s.rechunk({3: -1}), axis=-1).astype(np.float32)
+    return np.flatnonzero(~is_b0), bzero
+
+
+def from_nii(
+    filename,
+    bvec_file=None,
+    bval_file=None,
+    gradients_file=None,
+    brainmask_file=None,
+    b0_file=None,
+    *,
+    cache: Cache | None = None,
+) -> DWI:
+    """Open a diffusion series (NIfTI, ``.npy`` or HDF5 array) lazily as a :class:`DWI`.
+
+    Parameters
+    ----------
+    filename : path-like
+        The 4D series.
+    bvec_file, bval_file : path-like, optional
+        FSL-style b-vectors (3xN or Nx3) and b-values.
+    gradients_file : path-like, optional
+        An (N, 4) or (4, N) table of RAS direction + b-value; supersedes bvec/bval.
+    brainmask_file : path-like, optional
+        A 3D mask of the same grid.
+    b0_file : path-like, optional
+        A 3D b=0 reference; otherwise the median of the b=0 volumes (if any).
+
+    Returns
+    -------
+    DWI
+        With the b=0 volumes removed from ``dataobj`` (deferred) and
+        ``original_index`` mapping each remaining volume to the file.
+    """
+    cache = cache or Cache()
+    source = open_source(filename, cache=cache)
+    data = source.to_dask()
+    table = read_gradients(bvec_file, bval_file, gradients_file, n_volumes=source.shape[3])
+    keep, bzero = split_b0(data, table)
+    if keep.size < MIN_DIFFUSION_VOLUMES:
+        raise InputError(
+            f"a DWI needs at least {MIN_DIFFUSION_VOLUMES} diffusion-weighted volumes, "
+            f"found {keep.size}",
+            source.path,
+        )
+    inputs = [source.path]
+    if b0_file is not None:
+        b0_source = open_source(b0_file, cache=cache)
+        if b0_source.shape[:3] != source.shape[:3] or b0_source.shape[3] != 1:
+            raise InputError(
+                f"b=0 file shape {b0_source.shape[:3]} differs from the series {source.shape[:3]}",
+                b0_source.path,
+            )
+        bzero = b0_source.to_dask()[..., 0].astype(np.float32)
+        inputs.append(b0_source.path)
+    mask = None
+    if brainmask_file is not None:
+        mask = load_mask(brainmask_file, source.shape[:3])
+        inputs.append(os.path.abspath(brainmask_file))
+    return DWI(
+        dataobj=data[..., keep] if keep.size < len(table) else data,
+        affine=source.affine if hasattr(source, "affine") else np.eye(4),
+        brainmask=mask,
+        datahdr=getattr(source, "header", None),
+        original_index=keep,
+        gradients=table[keep],
+        bzero=bzero,
+        cache=cache,
+        inputs=tuple(inputs),
+    )

@@ -1,0 +1,97 @@
+"""Export a dataset to NIfTI with its sidecars, all-or-nothing.
+
+A dataset with motion matrices is resampled block by block on its way to disk.
+A DWI also gets ``.bval``/``.bvec`` beside the image (b-vectors rotated into the
+reference frame when resampled) and, with ``insert_b0=True``, its ``bzero`` as the
+first volume with a null gradient.  ``write_hmxfms=True`` writes every volume's
+transform into one X5 file.  All files appear together or none does.
+"""
+
+from __future__ import annotations
+
+import os
+
+import dask.array as da
+import numpy as np
+
+from .cache import atomic_outputs
+from .errors import InputError
+from .nifti import is_gzip_name, make_header, write_nifti_file
+
+
+def sidecar_path(filename, suffix: str) -> str:
+    """``sub-01_dwi.nii.gz`` + ``.bvec`` -> ``sub-01_dwi.bvec`` (same directory)."""
+    filename = os.fspath(filename)
+    for ext in (".nii.gz", ".nii"):
+        if filename.lower().endswith(ext):
+            return filename[: -len(ext)] + suffix
+    return os.path.splitext(filename)[0] + suffix
+
+
+def write_transforms(path: str, motion_affines: np.ndarray, shape3d, affine) -> None:
+    """Write all per-volume matrices into one X5 file with nitransforms."""
+    import nibabel as nb
+    from nitransforms.base import ImageGrid
+    from nitransforms.linear import LinearTransformsMapping
+
+    # a zero-stride array gives the grid its shape without allocating a volume
+    grid = nb.Nifti1Image(np.broadcast_to(np.uint8(0), tuple(shape3d)), affine)
+    mapping = LinearTransformsMapping(motion_affines, reference=ImageGrid(grid))
+    mapping.to_filename(path, fmt="X5")
+
+
+def export_nifti(
+    dataset,
+    filename,
+    *,
+    order: int = 3,
+    write_hmxfms: bool = False,
+    dtype=None,
+    insert_b0: bool = False,
+    bvals_dec_places: int = 2,
+    bvecs_dec_places: int = 6,
+    mode: str = "constant",
+    cval: float = 0.0,
+    progress=None,
+) -> None:
+    """Write ``dataset`` (resampled when it has motion matrices) as NIfTI.
+
+    See :meth:`nidask.BaseDataset.to_nifti` for the parameters; DWI-only ones are
+    ``insert_b0``, ``bvals_dec_places`` and ``bvecs_dec_places``.
+    """
+    from .dmri import DWI
+
+    moved = dataset.motion_affines is not None
+    if write_hmxfms and not moved:
+        raise InputError("write_hmxfms=True but the dataset has no motion matrices")
+    output = dataset.resampled(order=order, mode=mode, cval=cval) if moved else dataset
+    data = output.dataobj
+    is_dwi = isinstance(dataset, DWI)
+    gradients = output.gradients if is_dwi else None
+    if insert_b0:
+        if not is_dwi or dataset.bzero is None:
+            raise InputError("insert_b0=True needs a DWI with a bzero volume")
+        bzero = da.asarray(dataset.bzero).astype(np.float32)[..., np.newaxis]
+        bzero = bzero.rechunk(tuple((s,) for s in bzero.shape))
+        data = da.concatenate([bzero, data.astype(np.float32)], axis=3)
+        gradients = np.vstack((np.zeros((1, 4)), gradients))
+    dtype = np.dtype(dtype or data.dtype)
+    header = make_header(data.shape, dtype, dataset.affine, dataset.datahdr)
+    paths = [os.fspath(filename)]
+    if is_dwi:
+        paths += [sidecar_path(filename, ".bval"), sidecar_path(filename, ".bvec")]
+    if write_hmxfms:
+        paths.append(sidecar_path(filename, ".x5"))
+    with atomic_outputs(paths, dataset.inputs) as temps:
+        if is_dwi:
+            np.savetxt(temps[1], gradients[:, 3][np.newaxis], fmt=f"%.{bvals_dec_places}f")
+            np.savetxt(temps[2], gradients[:, :3].T, fmt=f"%.{bvecs_dec_places}f")
+        if write_hmxfms:
+            write_transforms(temps[-1], dataset.motion_affines, dataset.shape3d, dataset.affine)
+        write_nifti_file(
+            data.astype(dtype),
+            temps[0],
+            header,
+            compressed=is_gzip_name(filename),
+            progress=progress,
+        )

@@ -1,0 +1,671 @@
+"""Rigid registration of one volume to a model prediction, and motion bookkeeping.
+
+Leave-one-volume-out head-motion estimation predicts volume ``i`` from the others
+(the *fixed* image) and registers the observed volume ``i`` (the *moving* image) to
+it. Both live on the same voxel grid, described by one ``affine``.
+
+Motion-matrix convention
+------------------------
+Every matrix here follows nitransforms/nifreeze (see ``DESIGN.md``): ``A`` maps
+reference-space (fixed) RAS millimetre coordinates to moving-space RAS coordinates.
+Resampling the moving volume at output voxel ``o`` samples it at
+``inv(affine) @ A @ affine @ o``, which reproduces the fixed image::
+
+    M = np.linalg.inv(affine) @ A @ affine
+    scipy.ndimage.affine_transform(moving, M[:3, :3], offset=M[:3, 3])  # ~ fixed
+
+Equivalently ``fixed(x) = moving(A @ x)`` for world points ``x``.
+
+Rigid parameters
+----------------
+Six numbers ``(tx, ty, tz, rx, ry, rz)``: translations in mm and rotation angles in
+radians. With a centre ``c`` (world mm; the world origin if not given) the matrix is::
+
+    A @ x = R @ (x - c) + c + t,      R = Rz(rz) @ Ry(ry) @ Rx(rx)
+
+so ``t = A(c) - c`` is the displacement of the centre and the rotation is applied
+about ``x`` first, then ``y``, then ``z`` (right-handed, counter-clockwise when
+looking down the positive axis). :class:`RigidRegistration` optimises these
+parameters about the centre of the field of view, which keeps translations and
+rotations decoupled and the optimisation well conditioned.
+
+Plug-ins
+--------
+Any callable with the :class:`Registration` signature can be used wherever a
+registration is expected (``get_registration(my_callable)``), or registered by name
+(``REGISTRATIONS["ants"] = AntsRigid``). An ANTs-based plug-in, for example, would
+wrap ``fixed``/``moving`` in ``ants.from_numpy(..., origin, spacing, direction)``
+built from ``affine``, run ``ants.registration(fixed, moving, "Rigid")``, read the
+forward transform (ITK maps fixed-space LPS points to moving-space LPS points, i.e.
+the same direction as ``A``) and convert it to RAS with
+``A = F @ A_lps @ F`` where ``F = diag(-1, -1, 1, 1)``. nidask does not depend on
+ANTs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy import ndimage, optimize
+
+from nidask.errors import InputError
+
+__all__ = [
+    "REGISTRATIONS",
+    "Registration",
+    "RigidRegistration",
+    "fov_center",
+    "framewise_displacement",
+    "get_registration",
+    "motion_parameters",
+    "rigid_matrix",
+    "rigid_params",
+]
+
+
+@runtime_checkable
+class Registration(Protocol):
+    """What nidask expects from a registration method.
+
+    A registration is any callable (function, instance, ...) with this signature.
+    Implementations should be picklable (they are sent to cluster workers) and
+    deterministic.
+    """
+
+    def __call__(
+        self,
+        fixed: np.ndarray,
+        moving: np.ndarray,
+        affine: np.ndarray,
+        mask: np.ndarray | None = None,
+        init: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Register ``moving`` to ``fixed``.
+
+        Parameters
+        ----------
+        fixed : ndarray, shape (X, Y, Z)
+            Reference image (e.g. the model prediction).
+        moving : ndarray, shape (X, Y, Z)
+            Image to align (the observed volume), on the same grid as ``fixed``.
+        affine : ndarray, shape (4, 4)
+            Voxel-to-RAS-mm affine shared by both images.
+        mask : ndarray of bool, shape (X, Y, Z), optional
+            Voxels of the fixed image where the similarity is evaluated.
+        init : ndarray, shape (4, 4), optional
+            Initial estimate of the matrix, in the same convention as the result.
+
+        Returns
+        -------
+        ndarray, shape (4, 4), float64
+            ``A`` mapping fixed-space RAS coordinates to moving-space RAS
+            coordinates (see the module docstring).
+        """
+        ...
+
+
+# --------------------------------------------------------------------------------------
+# Rigid parameters <-> matrices
+
+
+def _axis_rotations(angles: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rx, ry, rz = (float(a) for a in angles)
+    cx, sx, cy, sy, cz, sz = (
+        math.cos(rx),
+        math.sin(rx),
+        math.cos(ry),
+        math.sin(ry),
+        math.cos(rz),
+        math.sin(rz),
+    )
+    rot_x = np.array([[1.0, 0.0, 0.0], [0.0, cx, -sx], [0.0, sx, cx]])
+    rot_y = np.array([[cy, 0.0, sy], [0.0, 1.0, 0.0], [-sy, 0.0, cy]])
+    rot_z = np.array([[cz, -sz, 0.0], [sz, cz, 0.0], [0.0, 0.0, 1.0]])
+    return rot_x, rot_y, rot_z
+
+
+def _rotation(angles: ArrayLike) -> np.ndarray:
+    rot_x, rot_y, rot_z = _axis_rotations(angles)
+    return rot_z @ rot_y @ rot_x
+
+
+def _rotation_and_derivatives(angles: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """``R = Rz @ Ry @ Rx`` and ``dR/d(rx, ry, rz)`` stacked as shape (3, 3, 3)."""
+    rot_x, rot_y, rot_z = _axis_rotations(angles)
+    # d/dθ of a rotation about axis k is G_k @ R_k with G_k the generator (cross matrix).
+    gen_x = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    gen_y = np.array([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
+    gen_z = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    rot = rot_z @ rot_y @ rot_x
+    d_rot = np.stack(
+        [
+            rot_z @ rot_y @ gen_x @ rot_x,
+            rot_z @ gen_y @ rot_y @ rot_x,
+            gen_z @ rot,
+        ]
+    )
+    return rot, d_rot
+
+
+def _center(center: ArrayLike | None) -> np.ndarray:
+    if center is None:
+        return np.zeros(3)
+    c = np.asarray(center, dtype=np.float64).reshape(-1)
+    if c.shape != (3,):
+        raise InputError(f"a rotation centre needs 3 coordinates, got shape {c.shape}")
+    return c
+
+
+def rigid_matrix(params: ArrayLike, center: ArrayLike | None = None) -> np.ndarray:
+    """Build a rigid 4x4 matrix from six parameters.
+
+    Parameters
+    ----------
+    params : array-like, shape (6,)
+        ``(tx, ty, tz, rx, ry, rz)``: translations in mm, rotation angles in radians.
+    center : array-like, shape (3,), optional
+        Rotation centre in world (RAS mm) coordinates; the world origin by default.
+
+    Returns
+    -------
+    ndarray, shape (4, 4), float64
+        ``A`` with ``A @ x = R @ (x - c) + c + t`` and ``R = Rz(rz) @ Ry(ry) @ Rx(rx)``.
+
+    Examples
+    --------
+    >>> A = rigid_matrix([1.0, 0.0, 0.0, 0.0, 0.0, np.pi / 2], center=[10.0, 0.0, 0.0])
+    >>> np.round(A @ [10.0, 0.0, 0.0, 1.0], 6).tolist()  # the centre only translates
+    [11.0, 0.0, 0.0, 1.0]
+    >>> np.round(A @ [11.0, 0.0, 0.0, 1.0], 6).tolist()
+    [11.0, 1.0, 0.0, 1.0]
+    """
+    p = np.asarray(params, dtype=np.float64).reshape(-1)
+    if p.shape != (6,):
+        raise InputError(f"rigid parameters must be 6 numbers, got shape {p.shape}")
+    c = _center(center)
+    rot = _rotation(p[3:])
+    out = np.eye(4)
+    out[:3, :3] = rot
+    out[:3, 3] = p[:3] + c - rot @ c
+    return out
+
+
+def _nearest_rotation(matrix: np.ndarray) -> np.ndarray:
+    u, _, vt = np.linalg.svd(matrix)
+    d = np.sign(np.linalg.det(u @ vt)) or 1.0
+    return u @ np.diag([1.0, 1.0, d]) @ vt
+
+
+def rigid_params(A: ArrayLike, center: ArrayLike | None = None) -> np.ndarray:
+    """Decompose a 4x4 matrix into six rigid parameters (inverse of :func:`rigid_matrix`).
+
+    Parameters
+    ----------
+    A : array-like, shape (4, 4)
+        Motion matrix. A non-rigid linear part is replaced by its nearest rotation
+        (polar decomposition); translations stay exact: ``t = A(c) - c``.
+    center : array-like, shape (3,), optional
+        Rotation centre in world coordinates; the world origin by default.
+
+    Returns
+    -------
+    ndarray, shape (6,)
+        ``(tx, ty, tz, rx, ry, rz)`` in mm and radians, with ``ry`` in
+        ``[-pi/2, pi/2]`` (the Euler decomposition is unique away from ``|ry| = pi/2``).
+    """
+    m = np.asarray(A, dtype=np.float64)
+    if m.shape != (4, 4):
+        raise InputError(f"a motion matrix must be 4x4, got shape {m.shape}")
+    c = _center(center)
+    rot = m[:3, :3]
+    if not np.allclose(rot.T @ rot, np.eye(3), atol=1e-6):
+        rot = _nearest_rotation(rot)
+    ry = math.asin(float(np.clip(-rot[2, 0], -1.0, 1.0)))
+    if abs(rot[2, 0]) < 1.0 - 1e-12:
+        rx = math.atan2(rot[2, 1], rot[2, 2])
+        rz = math.atan2(rot[1, 0], rot[0, 0])
+    else:  # gimbal lock: only rx - rz (or rx + rz) is defined; put it all in rx
+        rz = 0.0
+        rx = math.atan2(-rot[1, 2], rot[1, 1])
+    t = m[:3, :3] @ c + m[:3, 3] - c
+    return np.array([t[0], t[1], t[2], rx, ry, rz])
+
+
+def fov_center(affine: ArrayLike, shape: Sequence[int]) -> np.ndarray:
+    """World (RAS mm) coordinates of the centre of a voxel grid.
+
+    Parameters
+    ----------
+    affine : array-like, shape (4, 4)
+        Voxel-to-world affine.
+    shape : sequence of int
+        Grid shape; only the first three entries are used.
+
+    Returns
+    -------
+    ndarray, shape (3,)
+        ``affine @ ((shape - 1) / 2)``, the centre of the field of view.
+    """
+    aff = np.asarray(affine, dtype=np.float64)
+    ijk = (np.asarray(shape[:3], dtype=np.float64) - 1.0) / 2.0
+    return aff[:3, :3] @ ijk + aff[:3, 3]
+
+
+def motion_parameters(
+    A: ArrayLike, affine: ArrayLike, shape: Sequence[int] | None = None
+) -> np.ndarray:
+    """Report a motion matrix as translations (mm) and rotations (degrees).
+
+    Parameters
+    ----------
+    A : array-like, shape (4, 4)
+        Motion matrix (reference RAS -> moving RAS).
+    affine : array-like, shape (4, 4)
+        Voxel-to-world affine of the reference grid.
+    shape : sequence of int, optional
+        Shape of the reference grid. When given, rotations are about the centre of
+        the field of view (:func:`fov_center`) and the translations are the
+        displacement of that centre, which is what a reader expects for head motion.
+        Without it, the centre cannot be located and the world origin (scanner
+        isocentre) is used instead.
+
+    Returns
+    -------
+    ndarray, shape (6,)
+        ``(tx, ty, tz, rx, ry, rz)``: mm, then degrees, in the parameter convention
+        of :func:`rigid_matrix` (``R = Rz @ Ry @ Rx``).
+    """
+    center = None if shape is None else fov_center(affine, shape)
+    p = rigid_params(A, center=center)
+    p[3:] = np.degrees(p[3:])
+    return p
+
+
+def framewise_displacement(
+    affines: ArrayLike, radius: float = 50.0, center: ArrayLike | None = None
+) -> np.ndarray:
+    """Framewise displacement (Power et al., 2012) of a series of motion matrices.
+
+    ``FD[i] = sum(|Δt|) + radius * sum(|Δr|)`` between consecutive volumes, with
+    translations in mm and rotations in radians from :func:`rigid_params`;
+    ``FD[0] = 0``.
+
+    Parameters
+    ----------
+    affines : array-like, shape (N, 4, 4)
+        One motion matrix per volume.
+    radius : float
+        Radius (mm) of the sphere that turns rotations into displacements.
+    center : array-like, shape (3,), optional
+        Rotation centre in world coordinates (e.g. :func:`fov_center`); the world
+        origin by default, as with realignment parameters of SPM/FSL-style tools.
+
+    Returns
+    -------
+    ndarray, shape (N,)
+        Framewise displacement in mm.
+
+    Examples
+    --------
+    >>> A = np.stack([np.eye(4), rigid_matrix([1, 0, 0, 0, 0, 0.01])])
+    >>> framewise_displacement(A).round(6).tolist()
+    [0.0, 1.5]
+    """
+    mats = np.asarray(affines, dtype=np.float64)
+    if mats.ndim != 3 or mats.shape[1:] != (4, 4):
+        raise InputError(f"expected an (N, 4, 4) stack of matrices, got shape {mats.shape}")
+    if len(mats) == 0:
+        return np.zeros(0)
+    params = np.stack([rigid_params(m, center=center) for m in mats])
+    diffs = np.abs(np.diff(params, axis=0))
+    fd = diffs[:, :3].sum(axis=1) + radius * diffs[:, 3:].sum(axis=1)
+    return np.concatenate([[0.0], fd])
+
+
+# --------------------------------------------------------------------------------------
+# Rigid registration
+
+
+@dataclass(frozen=True)
+class _Level:
+    """Everything one resolution level needs; built once per call."""
+
+    points: np.ndarray  # (n, 3) float64 fixed-space world coordinates minus the centre
+    fixed: np.ndarray  # (n,) float64 fixed intensities at the points
+    moving: np.ndarray  # (X, Y, Z) float32 smoothed moving image
+    gradient: tuple[np.ndarray, ...]  # 3 x (X, Y, Z) float32 forward differences
+
+
+@dataclass(frozen=True)
+class RigidRegistration:
+    """Six-parameter rigid registration, coarse to fine.
+
+    Callable with the :class:`Registration` signature; picklable and deterministic
+    (identical inputs give bitwise identical outputs).
+
+    The similarity is evaluated at points ``o`` of the fixed grid (inside ``mask``)
+    by sampling the moving image with trilinear interpolation (float32) at
+    ``inv(affine) @ A @ affine @ o``. Parameters are those of :func:`rigid_matrix`
+    about the centre of the field of view, rescaled so that one optimiser unit is
+    one mm of translation or the rotation that moves a point ``radius`` mm from
+    the centre by one mm. Levels run coarse to fine, each starting from the
+    previous estimate (or ``init``).
+
+    Two measures keep trilinear interpolation from biasing the optimum (it smooths
+    noise and edges more between grid points than on them, which rewards sub-voxel
+    shifts): the points are jittered by a seeded uniform sub-voxel offset (so both
+    images are interpolated alike), and the finest level is smoothed by one voxel
+    by default (as SPM's realignment smooths by 5 mm FWHM). On a 2.5 mm phantom
+    with 2 % noise this brought the worst rotation error from 0.4 to 0.1 degrees.
+
+    Parameters
+    ----------
+    metric : {"ncc", "mi"}
+        ``"ncc"`` (default): normalized cross-correlation, for images of the same
+        contrast (a model prediction of the same modality); optimised with
+        L-BFGS-B and exact gradients of the interpolated cost. ``"mi"``: mutual
+        information from a joint histogram with linear (partial-volume) binning,
+        for differing contrasts; optimised with Powell's derivative-free method
+        (slower).
+    shrink : tuple of int
+        Subsampling factor of the fixed grid at each level, coarse to fine (the
+        moving image is never downsampled: the cost of a level is its point count).
+    smoothing : tuple of float
+        Gaussian sigma (voxels) applied to both images at each level.
+    min_samples : int
+        Levels (other than the last) with fewer sample points are skipped, e.g.
+        the 4x level of a 40x40x30 volume.
+    max_samples : int or None
+        At most this many points per level, drawn at random with a fixed seed
+        (``seed``); ``None`` uses every point.
+    threshold : float
+        Without a mask, the metric uses voxels where
+        ``fixed > threshold * percentile(fixed, 99)``.
+    radius : float
+        Scale (mm) relating rotations to translations for the optimiser.
+    bins : int
+        Histogram bins per image for ``metric="mi"``.
+    maxiter : int
+        Maximum optimiser iterations per level.
+    jitter : bool
+        Offset each sample point by a seeded uniform random sub-voxel amount.
+    seed : int
+        Seed of the point subsampling (``max_samples``) and of the jitter.
+    """
+
+    metric: str = "ncc"
+    shrink: tuple[int, ...] = (4, 2, 1)
+    smoothing: tuple[float, ...] = (2.0, 1.0, 1.0)
+    min_samples: int = 2000
+    max_samples: int | None = 200_000
+    threshold: float = 0.05
+    radius: float = 50.0
+    bins: int = 32
+    maxiter: int = 200
+    jitter: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.metric not in ("ncc", "mi"):
+            raise InputError(f"unknown registration metric {self.metric!r} (use 'ncc' or 'mi')")
+        if len(self.shrink) != len(self.smoothing) or not self.shrink:
+            raise InputError("'shrink' and 'smoothing' need one entry per level")
+        if any(int(f) < 1 for f in self.shrink):
+            raise InputError(f"shrink factors must be >= 1, got {self.shrink}")
+        if any(s < 0 for s in self.smoothing):
+            raise InputError(f"smoothing sigmas must be >= 0, got {self.smoothing}")
+
+    # ---------------------------------------------------------------- public call
+    def __call__(
+        self,
+        fixed: np.ndarray,
+        moving: np.ndarray,
+        affine: np.ndarray,
+        mask: np.ndarray | None = None,
+        init: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Register ``moving`` to ``fixed``; see :class:`Registration`.
+
+        Returns
+        -------
+        ndarray, shape (4, 4), float64
+            Rigid ``A`` (fixed RAS -> moving RAS). A non-rigid ``init`` is reduced
+            to its rigid part.
+        """
+        fixed32, moving32, aff, mask = self._check(fixed, moving, affine, mask)
+        center = fov_center(aff, fixed32.shape)
+        params = np.zeros(6) if init is None else rigid_params(init, center=center)
+        scale = np.array([1.0, 1.0, 1.0] + [1.0 / self.radius] * 3)
+        inv_aff = np.linalg.inv(aff)
+        n_levels = len(self.shrink)
+        for k, (factor, sigma) in enumerate(zip(self.shrink, self.smoothing, strict=True)):
+            level = self._level(
+                fixed32, moving32, aff, mask, center, int(factor), sigma, last=k == n_levels - 1
+            )
+            if level is None:
+                continue
+            if self.metric == "ncc":
+                fun = _NCCCost(level, inv_aff, center, scale)
+                res = optimize.minimize(
+                    fun,
+                    params / scale,
+                    jac=True,
+                    method="L-BFGS-B",
+                    options={"maxiter": self.maxiter, "ftol": 1e-10, "gtol": 1e-7},
+                )
+            else:
+                fun = _MICost(level, inv_aff, center, scale, self.bins)
+                res = optimize.minimize(
+                    fun,
+                    params / scale,
+                    method="Powell",
+                    options={"maxiter": self.maxiter, "xtol": 1e-3, "ftol": 1e-9},
+                )
+            # L-BFGS-B may stop on a line-search failure at the optimum (float32
+            # noise); its x is still the best point it accepted.
+            params = np.asarray(res.x, dtype=np.float64) * scale
+        return rigid_matrix(params, center=center)
+
+    # ---------------------------------------------------------------- helpers
+    def _check(self, fixed, moving, affine, mask):
+        fixed32 = np.nan_to_num(np.asarray(fixed, dtype=np.float32))
+        moving32 = np.nan_to_num(np.asarray(moving, dtype=np.float32))
+        if fixed32.ndim != 3 or fixed32.shape != moving32.shape:
+            raise InputError(
+                "fixed and moving must be 3D volumes of the same shape, got "
+                f"{fixed32.shape} and {moving32.shape}"
+            )
+        aff = np.asarray(affine, dtype=np.float64)
+        if aff.shape != (4, 4) or not np.isfinite(aff).all() or np.linalg.det(aff) == 0:
+            raise InputError("affine must be a finite, invertible 4x4 matrix")
+        if mask is None:
+            ref = float(np.percentile(fixed32, 99))
+            mask = fixed32 > self.threshold * ref if ref > 0 else np.ones(fixed32.shape, bool)
+        else:
+            mask = np.asarray(mask, dtype=bool)
+            if mask.shape != fixed32.shape:
+                raise InputError(
+                    f"mask shape {mask.shape} does not match the volume shape {fixed32.shape}"
+                )
+        if not mask.any():
+            raise InputError("the registration mask is empty")
+        return fixed32, moving32, aff, mask
+
+    def _level(self, fixed32, moving32, aff, mask, center, factor, sigma, last):
+        sub = mask[::factor, ::factor, ::factor]
+        n = int(np.count_nonzero(sub))
+        if n < self.min_samples and not last:
+            return None
+        if sigma > 0:
+            fixed_s = ndimage.gaussian_filter(fixed32, sigma, mode="nearest")
+            moving_s = ndimage.gaussian_filter(moving32, sigma, mode="nearest")
+        else:
+            fixed_s, moving_s = fixed32, moving32
+        ijk = np.argwhere(sub)  # C order, deterministic
+        rng = np.random.default_rng(self.seed)
+        if self.max_samples is not None and n > self.max_samples:
+            ijk = ijk[np.sort(rng.choice(n, self.max_samples, replace=False))]
+        ijk = ijk * factor
+        if self.jitter:
+            ijk = ijk + rng.uniform(-0.5, 0.5, ijk.shape)
+            values = ndimage.map_coordinates(fixed_s, ijk.T, order=1, mode="nearest")
+        else:
+            values = fixed_s[ijk[:, 0], ijk[:, 1], ijk[:, 2]]
+        values = values.astype(np.float64)
+        if np.ptp(values) == 0:
+            raise InputError("the fixed image is constant inside the registration mask")
+        points = ijk @ aff[:3, :3].T + (aff[:3, 3] - center)
+        gradient = tuple(
+            np.diff(moving_s, axis=k, append=np.take(moving_s, [-1], axis=k)) for k in range(3)
+        )
+        return _Level(points=points, fixed=values, moving=moving_s, gradient=gradient)
+
+
+class _Sampler:
+    """Sample the moving image of a level at the points moved by rigid parameters."""
+
+    def __init__(self, level: _Level, inv_aff: np.ndarray, center: np.ndarray, scale: np.ndarray):
+        self.level = level
+        self.inv_lin = inv_aff[:3, :3]
+        self.inv_off = inv_aff[:3, 3]
+        self.center = center
+        self.scale = scale
+
+    def coords(self, params: np.ndarray, rot: np.ndarray) -> np.ndarray:
+        # moving voxel = inv(aff) @ (R @ (x - c) + c + t)
+        lin = self.inv_lin @ rot
+        off = self.inv_lin @ (self.center + params[:3]) + self.inv_off
+        return (self.level.points @ lin.T + off).T  # (3, n)
+
+    def sample(self, image: np.ndarray, coords: np.ndarray) -> np.ndarray:
+        return ndimage.map_coordinates(image, coords, order=1, mode="nearest", output=np.float32)
+
+    def voxel_gradient(self, coords: np.ndarray) -> np.ndarray:
+        """Exact gradient (voxel units, shape (n, 3)) of the trilinear interpolant.
+
+        Along axis ``k`` the trilinear interpolant is linear between grid planes, so
+        its derivative is the forward difference ``I[i + 1] - I[i]`` at
+        ``i = floor(v_k)``, interpolated bilinearly in the other two axes: sampling
+        the forward-difference image at ``(floor(v_k), v_other)`` with order 1.
+        Consistent gradients keep L-BFGS-B's line searches from stalling.
+        """
+        out = np.empty((coords.shape[1], 3))
+        for k, diff in enumerate(self.level.gradient):
+            at = coords.copy()
+            at[k] = np.floor(at[k])
+            out[:, k] = self.sample(diff, at)
+        return out
+
+
+class _NCCCost(_Sampler):
+    """``1 - NCC`` and its exact gradient w.r.t. the scaled parameters."""
+
+    def __init__(self, level, inv_aff, center, scale):
+        super().__init__(level, inv_aff, center, scale)
+        fc = level.fixed - level.fixed.mean()
+        self.fc = fc / np.sqrt(fc @ fc)  # unit-norm, zero-mean fixed values
+
+    def __call__(self, z: np.ndarray) -> tuple[float, np.ndarray]:
+        params = np.asarray(z, dtype=np.float64) * self.scale
+        rot, d_rot = _rotation_and_derivatives(params[3:])
+        coords = self.coords(params, rot)
+        m = self.sample(self.level.moving, coords).astype(np.float64)
+        mc = m - m.mean()
+        mnorm2 = mc @ mc
+        if mnorm2 <= 0:  # moved entirely off the object: flat, push back with 0 grad
+            return 1.0, np.zeros(6)
+        mnorm = math.sqrt(mnorm2)
+        ncc = float(self.fc @ mc) / mnorm
+        # d ncc / d m_i = fc_i / |mc| - ncc * mc_i / |mc|^2   (means drop out)
+        w = self.fc / mnorm - (ncc / mnorm2) * mc
+        # world-space image gradient at each point: dI/dy = dI/dv @ inv_lin
+        wg = (w[:, None] * self.voxel_gradient(coords)) @ self.inv_lin  # (n, 3)
+        grad = np.empty(6)
+        grad[:3] = wg.sum(axis=0)  # dy/dt = I
+        outer = wg.T @ self.level.points  # sum_i wg_i (x_i - c)^T
+        grad[3:] = np.einsum("kab,ab->k", d_rot, outer)  # dy/dr_k = dR_k @ (x - c)
+        return 1.0 - ncc, -grad * self.scale
+
+
+class _MICost(_Sampler):
+    """Negative mutual information from a linearly binned joint histogram."""
+
+    def __init__(self, level, inv_aff, center, scale, bins):
+        super().__init__(level, inv_aff, center, scale)
+        self.bins = int(bins)
+        self.fbin = self._binned(level.fixed, *self._range(level.fixed))
+        self.mrange = self._range(level.moving.ravel())
+
+    @staticmethod
+    def _range(values: np.ndarray) -> tuple[float, float]:
+        lo, hi = np.percentile(values, [0.5, 99.5])
+        return float(lo), float(hi) if hi > lo else float(lo) + 1.0
+
+    def _binned(self, values, lo, hi):
+        pos = (np.clip(values, lo, hi) - lo) / (hi - lo) * (self.bins - 1)
+        return pos.astype(np.float64)
+
+    def __call__(self, z: np.ndarray) -> float:
+        params = np.asarray(z, dtype=np.float64) * self.scale
+        coords = self.coords(params, _rotation(params[3:]))
+        m = self.sample(self.level.moving, coords).astype(np.float64)
+        mpos = self._binned(m, *self.mrange)
+        fi = np.rint(self.fbin).astype(np.intp)
+        m0 = np.minimum(np.floor(mpos).astype(np.intp), self.bins - 2)
+        frac = mpos - m0
+        b = self.bins
+        joint = np.bincount(fi * b + m0, weights=1.0 - frac, minlength=b * b)
+        joint += np.bincount(fi * b + m0 + 1, weights=frac, minlength=b * b)
+        joint = joint.reshape(b, b) / joint.sum()
+        pf = joint.sum(axis=1)
+        pm = joint.sum(axis=0)
+        nz = joint > 0
+        mi = np.sum(joint[nz] * np.log(joint[nz] / np.outer(pf, pm)[nz]))
+        return -float(mi)
+
+
+REGISTRATIONS: dict[str, Callable[..., Registration]] = {"rigid": RigidRegistration}
+"""Registration methods by name; plug-ins may add entries (factories or classes)."""
+
+
+def get_registration(spec: str | Registration | type, **options) -> Registration:
+    """Resolve a registration specification into a callable.
+
+    Parameters
+    ----------
+    spec : str, callable or class
+        A name in :data:`REGISTRATIONS` (e.g. ``"rigid"``), an instance or any
+        callable following the :class:`Registration` protocol (returned as is), or
+        a class, instantiated with ``options``.
+    **options
+        Keyword arguments for the constructor when ``spec`` is a name or a class.
+
+    Returns
+    -------
+    Registration
+        The callable.
+
+    Raises
+    ------
+    InputError
+        ``spec`` is an unknown name or not callable.
+    """
+    if isinstance(spec, str):
+        try:
+            factory = REGISTRATIONS[spec.lower()]
+        except KeyError:
+            known = ", ".join(sorted(REGISTRATIONS))
+            raise InputError(f"unknown registration {spec!r} (known: {known})") from None
+        return factory(**options)
+    if isinstance(spec, type):
+        return spec(**options)
+    if options:
+        raise InputError("options can only be given with a registration name or class")
+    if not callable(spec):
+        raise InputError(f"a registration must be a name or a callable, got {type(spec).__name__}")
+    return spec

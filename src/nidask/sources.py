@@ -1,0 +1,378 @@
+"""Picklable, path-holding array sources that become dask arrays.
+
+A source is a small recipe: a path (plus an HDF5 key, or a cache path) and the
+array's shape and dtype, read from headers only.  Each task opens the file, reads
+the volumes it needs and closes it again, so graphs pickle small, run on process
+workers, and never hold a whole series in memory.  Sources tokenize from
+(path, size, mtime, key): a file changed on disk gets new dask keys.
+
+Every source presents the logical layout (X, Y, Z, N); 3D files appear as N = 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gzip
+import math
+import os
+import shutil
+import zlib
+
+import dask.array as da
+import h5py
+import nibabel as nb
+import numpy as np
+from dask.base import tokenize
+
+from .config import volume_chunks, volumes_per_chunk
+from .errors import InputError
+
+COPY_BLOCK = 16 * 2**20
+
+
+def check_readable(path: str | os.PathLike) -> str:
+    """Return ``path`` as an absolute string; raise if it is missing or unreadable."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.exists(path):
+        raise InputError("file not found", path)
+    if os.path.isdir(path):
+        raise InputError("is a directory, not a file", path)
+    if not os.access(path, os.R_OK):
+        raise InputError("file is not readable (permission denied)", path)
+    return path
+
+
+def _normalize_index(index, ndim: int) -> tuple:
+    if not isinstance(index, tuple):
+        index = (index,)
+    if any(i is Ellipsis for i in index):
+        at = index.index(Ellipsis)
+        fill = (slice(None),) * (ndim - len(index) + 1)
+        index = index[:at] + fill + index[at + 1 :]
+    return index + (slice(None),) * (ndim - len(index))
+
+
+class VolumeSource:
+    """Base class of sources: a 4D (X, Y, Z, N) array stored in one file.
+
+    Subclasses set ``shape`` and ``dtype`` from headers and implement
+    :meth:`read`, which receives a tuple of four slices in logical order.
+    """
+
+    ndim = 4
+    label = "volumes"
+
+    def __init__(self, path: str | os.PathLike, key: str | None = None):
+        self.path = check_readable(path)
+        self.key = key
+        stat = os.stat(self.path)
+        self._stamp = (stat.st_size, stat.st_mtime_ns)
+        self.shape: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self.dtype = np.dtype("float32")
+
+    def __dask_tokenize__(self):
+        return (type(self).__name__, self.path, self.key, *self._stamp)
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = _normalize_index(index, 4)
+        if any(not isinstance(i, slice) for i in index):
+            raise TypeError(f"{type(self).__name__} only supports slicing, got {index!r}")
+        try:
+            return np.asarray(self.read(index), dtype=self.dtype)
+        except InputError:
+            raise
+        except (OSError, EOFError, ValueError, zlib.error) as exc:
+            raise InputError(f"cannot read data: {exc}", self.path) from exc
+
+    def read(self, index: tuple[slice, slice, slice, slice]) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def _set_shape(self, shape, allow_3d: bool = True) -> None:
+        shape = tuple(int(s) for s in shape)
+        if len(shape) == 3 and allow_3d:
+            shape = shape + (1,)
+        if len(shape) == 5 and shape[3] == 1:
+            raise InputError(f"5D image with shape {shape} is not supported", self.path)
+        if len(shape) != 4:
+            raise InputError(f"expected a 4D series, got shape {shape}", self.path)
+        if min(shape) < 1:
+            raise InputError(f"empty series, shape {shape}", self.path)
+        self.shape = shape
+
+    def to_dask(self, per_chunk: int | None = None) -> da.Array:
+        """A dask array over the whole file with whole-volume chunks.
+
+        Parameters
+        ----------
+        per_chunk : int, optional
+            Volumes per chunk; default from ``nidask.chunk-size``.
+        """
+        if per_chunk is None:
+            per_chunk = volumes_per_chunk(self.shape[:3], self.dtype)
+        chunks = tuple((s,) for s in self.shape[:3]) + (volume_chunks(self.shape[3], per_chunk),)
+        name = f"nidask-{self.label}-{tokenize(self, chunks)}"
+        return da.from_array(
+            self,
+            chunks=chunks,
+            name=name,
+            asarray=False,
+            fancy=False,
+            lock=False,
+            inline_array=True,
+            meta=np.empty((0, 0, 0, 0), dtype=self.dtype),
+        )
+
+    def __repr__(self) -> str:
+        key = f", key={self.key!r}" if self.key else ""
+        return f"{type(self).__name__}({self.path!r}{key}, shape={self.shape}, dtype={self.dtype})"
+
+
+def _load_nifti(path: str):
+    try:
+        img = nb.load(path, mmap=False, keep_file_open=False)
+    except (nb.filebasedimages.ImageFileError, OSError, EOFError, ValueError) as exc:
+        raise InputError(f"not a readable NIfTI file ({exc})", path) from exc
+    if not isinstance(img, nb.Nifti1Image | nb.Nifti2Image):
+        raise InputError(f"not a NIfTI-1/2 image ({type(img).__name__})", path)
+    return img
+
+
+def check_affine(affine, path: str | None = None, what: str = "affine") -> np.ndarray:
+    """Return ``affine`` as a float64 4x4 array; raise if it is malformed."""
+    affine = np.asarray(affine, dtype=float)
+    if affine.shape != (4, 4):
+        raise InputError(f"{what} must be 4x4, got shape {affine.shape}", path)
+    if not np.all(np.isfinite(affine)):
+        raise InputError(f"{what} has non-finite values", path)
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(f"{what} is singular", path)
+    return affine
+
+
+def nifti_scaling(img) -> tuple[float, float] | None:
+    """(slope, inter) applied by the proxy, or ``None`` for unscaled data.
+
+    nibabel moves the scaling onto the proxy when loading; the header then reads
+    ``(None, None)``, so the proxy is the one to ask.
+    """
+    slope = getattr(img.dataobj, "slope", 1.0)
+    inter = getattr(img.dataobj, "inter", 0.0)
+    if slope is None or not np.isfinite(slope) or slope in (0.0, 1.0):
+        slope = 1.0
+    if inter is None or not np.isfinite(inter):
+        inter = 0.0
+    return None if (slope, inter) == (1.0, 0.0) else (float(slope), float(inter))
+
+
+class NiftiSource(VolumeSource):
+    """An uncompressed NIfTI file read through nibabel's array proxy.
+
+    Scaled data are declared and returned as float32; unscaled data keep the
+    on-disk dtype.
+    """
+
+    label = "nifti"
+
+    def __init__(self, path: str | os.PathLike, data_path: str | None = None):
+        super().__init__(path)
+        img = _load_nifti(self.path)
+        self._set_shape(img.shape)
+        self.affine = check_affine(img.affine, self.path)
+        self.header = img.header
+        self.scaling = nifti_scaling(img)
+        self.dtype = (
+            np.dtype("float32") if self.scaling else img.get_data_dtype().newbyteorder("=")
+        )
+        if self.dtype.kind == "c" or self.dtype.fields is not None:
+            raise InputError(f"unsupported NIfTI data type {self.dtype}", self.path)
+        self.data_path = data_path or self.path
+        if data_path is None:
+            self._check_size(self.path)
+
+    def _check_size(self, data_path: str) -> None:
+        offset = int(self.header.get_data_offset())
+        expected = offset + math.prod(self.shape) * self.header.get_data_dtype().itemsize
+        actual = os.path.getsize(data_path)
+        if actual < expected:
+            raise InputError(
+                f"file is shorter than its header declares ({actual} < {expected} bytes)",
+                self.path,
+            )
+
+    def __dask_tokenize__(self):
+        return (*super().__dask_tokenize__(), self.data_path)
+
+    def read(self, index):
+        img = nb.load(self.data_path, mmap=False, keep_file_open=False)
+        data = img.dataobj[index[:3] + (index[3],)] if img.ndim == 4 else img.dataobj[index[:3]]
+        if img.ndim == 3:
+            data = np.asarray(data)[..., np.newaxis][..., index[3]]
+        return np.asarray(data).astype(self.dtype, copy=False)
+
+
+class GzipNiftiSource(NiftiSource):
+    """A ``.nii.gz`` file, decompressed once into an owned cache on first read.
+
+    Reading volume k of a gzip stream decompresses every byte before it; doing it
+    for each volume costs O(N^2).  The first task that needs data decompresses the
+    file (under a file lock, so concurrent tasks and processes wait for it) into
+    ``cache_path``; every later read is a plain NIfTI read.
+    """
+
+    label = "nifti-gz"
+
+    def __init__(self, path: str | os.PathLike, cache_path: str):
+        super().__init__(path, data_path=cache_path)
+
+    def read(self, index):
+        self.ensure_decompressed()
+        return super().read(index)
+
+    def ensure_decompressed(self) -> str:
+        """Decompress into the cache unless done already; return the cache path."""
+        if os.path.exists(self.data_path):
+            return self.data_path
+        directory = os.path.dirname(self.data_path)
+        if not os.path.isdir(directory):
+            raise InputError("the dataset's cache was removed (dataset closed?)", self.path)
+        with open(self.data_path + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not os.path.exists(self.data_path):
+                partial = self.data_path + ".part"
+                try:
+                    with gzip.open(self.path, "rb") as src, open(partial, "wb") as dst:
+                        shutil.copyfileobj(src, dst, COPY_BLOCK)
+                    self._check_size(partial)
+                    os.replace(partial, self.data_path)
+                except (OSError, EOFError, zlib.error) as exc:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(partial)
+                    if isinstance(exc, InputError):
+                        raise
+                    raise InputError(f"corrupt or truncated gzip data ({exc})", self.path) from exc
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.data_path + ".lock")
+        return self.data_path
+
+
+class HDF5Source(VolumeSource):
+    """One HDF5 dataset, (X, Y, Z, N) or volume-major (N, X, Y, Z) with ``volume_axis=0``."""
+
+    label = "hdf5"
+
+    def __init__(self, path: str | os.PathLike, key: str, volume_axis: int | None = None):
+        super().__init__(path, key=key)
+        try:
+            with h5py.File(self.path, "r", locking=False) as f:
+                if key not in f:
+                    raise InputError(f"HDF5 file has no dataset {key!r}", self.path)
+                dset = f[key]
+                if not isinstance(dset, h5py.Dataset):
+                    raise InputError(f"{key!r} is not an HDF5 dataset", self.path)
+                shape, dtype = dset.shape, dset.dtype
+                if volume_axis is None:
+                    volume_axis = int(dset.attrs.get("volume_axis", -1))
+        except OSError as exc:
+            raise InputError(f"not a readable HDF5 file ({exc})", self.path) from exc
+        if dtype.kind not in "biuf":
+            raise InputError(f"dataset {key!r} has unsupported dtype {dtype}", self.path)
+        self.dtype = np.dtype(dtype).newbyteorder("=")
+        self.volume_major = volume_axis == 0 and len(shape) == 4
+        if volume_axis not in (0, -1, len(shape) - 1):
+            raise InputError(f"unsupported volume_axis={volume_axis} for {key!r}", self.path)
+        if self.volume_major:
+            shape = shape[1:] + shape[:1]
+        self._set_shape(shape)
+        self._ndim_on_disk = len(shape) if len(shape) == 4 and shape[3] != 1 else None
+
+    def read(self, index):
+        with h5py.File(self.path, "r", locking=False) as f:
+            dset = f[self.key]
+            if self.volume_major:
+                data = dset[(index[3],) + index[:3]]
+                return np.moveaxis(data, 0, -1)
+            if dset.ndim == 3:
+                return dset[index[:3]][..., np.newaxis][..., index[3]]
+            return dset[index]
+
+
+def read_npy_header(path: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran_order, dtype, data offset) of a ``.npy`` file, header only."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            reader = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = reader(f)
+            offset = f.tell()
+    except (ValueError, OSError, SyntaxError) as exc:
+        raise InputError(f"not a valid .npy file ({exc})", path) from exc
+    return shape, fortran, dtype, offset
+
+
+class NpySource(VolumeSource):
+    """A ``.npy`` file, opened as a memmap inside each task and unmapped after."""
+
+    label = "npy"
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path)
+        shape, self.fortran_order, dtype, offset = read_npy_header(self.path)
+        if dtype.hasobject or dtype.kind not in "biuf":
+            raise InputError(f"unsupported .npy dtype {dtype}", self.path)
+        self.dtype = np.dtype(dtype).newbyteorder("=") if dtype.byteorder != "|" else dtype
+        self._set_shape(shape)
+        expected = offset + math.prod(shape) * dtype.itemsize
+        if os.path.getsize(self.path) < expected:
+            raise InputError("file is shorter than its header declares", self.path)
+
+    def read(self, index):
+        mm = np.load(self.path, mmap_mode="r")
+        try:
+            if mm.ndim == 3:
+                return np.array(mm[index[:3]])[..., np.newaxis][..., index[3]]
+            return np.array(mm[index])
+        finally:
+            mm._mmap.close()
+
+
+def is_gzip(path: str) -> bool:
+    """Whether ``path`` starts with the gzip magic bytes."""
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def open_source(path: str | os.PathLike, cache=None, key: str | None = None) -> VolumeSource:
+    """The source for a NIfTI, ``.npy`` or HDF5 file, by extension.
+
+    Parameters
+    ----------
+    path : path-like
+        The file.
+    cache : nidask.cache.Cache, optional
+        Where a ``.nii.gz`` file gets decompressed (required for those).
+    key : str, optional
+        Dataset name inside an HDF5 file.
+    """
+    path = check_readable(path)
+    lower = path.lower()
+    if lower.endswith((".h5", ".hdf5", ".hdf")) or key is not None:
+        return HDF5Source(path, key or "/0/dataobj")
+    if lower.endswith(".npy"):
+        return NpySource(path)
+    if lower.endswith((".nii", ".nii.gz", ".img", ".hdr")):
+        if is_gzip(path):
+            if cache is None:
+                raise InputError("a cache is needed to read a gzip-compressed NIfTI", path)
+            return GzipNiftiSource(path, cache.new_path(".nii", stem="decompressed"))
+        return NiftiSource(path)
+    raise InputError("unknown file type (expected .nii, .nii.gz, .h5 or .npy)", path)

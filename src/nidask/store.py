@@ -1,0 +1,135 @@
+"""Write dask arrays to files chunk by chunk, from any scheduler.
+
+Targets are path-based: each task reopens the file and writes its own block at a
+known offset, so writes land in the real file on threads, processes and
+distributed workers alike (a pickled ``np.memmap`` would write into a copy), and
+no mapping of the whole output is ever held (mapped pages count as resident
+memory).  Blocks cover whole volumes, so in a Fortran-ordered file each block is
+one contiguous byte range.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import math
+import os
+
+import dask.array as da
+import h5py
+import numpy as np
+
+from .progress import compute
+
+
+def _pwrite_all(fd: int, buffer, offset: int) -> None:
+    view = memoryview(buffer).cast("B")
+    while view.nbytes:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def _check_whole_volumes(key: tuple, shape3d: tuple[int, ...]) -> slice:
+    for axis, (index, size) in enumerate(zip(key[:3], shape3d, strict=True)):
+        start, stop, step = index.indices(size)
+        if (start, stop, step) != (0, size, 1):
+            raise ValueError(f"blocks must cover whole volumes (axis {axis} is {index})")
+    return key[3]
+
+
+class VolumeFileTarget:
+    """A ``da.store`` target: (X, Y, Z, N) data in Fortran order at ``offset`` of a file.
+
+    Parameters
+    ----------
+    path : str
+        An existing file, already sized (see :func:`presize`).
+    offset : int
+        Byte offset of the first voxel.
+    shape : tuple of int
+        Logical (X, Y, Z, N) shape.
+    dtype : dtype
+        On-disk dtype; blocks are cast to it (``byteorder`` included).
+    """
+
+    def __init__(self, path: str, offset: int, shape: tuple[int, ...], dtype):
+        self.path = os.fspath(path)
+        self.offset = int(offset)
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        self.volume_bytes = math.prod(self.shape[:3]) * self.dtype.itemsize
+
+    def __setitem__(self, key, value) -> None:
+        volumes = _check_whole_volumes(key, self.shape[:3])
+        start = volumes.indices(self.shape[3])[0]
+        block = np.asfortranarray(value, dtype=self.dtype)
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            _pwrite_all(fd, block.T.data, self.offset + start * self.volume_bytes)
+        finally:
+            os.close(fd)
+
+    def __repr__(self) -> str:
+        return f"VolumeFileTarget({self.path!r}, offset={self.offset}, shape={self.shape})"
+
+
+class HDF5Target:
+    """A ``da.store`` target: one HDF5 dataset, reopened (under a file lock) per block.
+
+    HDF5 files must not be written by two processes at once; an ``flock`` on the
+    file itself serialises writers across threads, processes and workers of a host.
+    """
+
+    def __init__(self, path: str, key: str):
+        self.path = os.fspath(path)
+        self.key = key
+
+    def __setitem__(self, key, value) -> None:
+        with open(self.path, "rb") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            with h5py.File(self.path, "r+", locking=False) as f:
+                f[self.key][key] = value
+
+    def __repr__(self) -> str:
+        return f"HDF5Target({self.path!r}, {self.key!r})"
+
+
+def presize(path: str, nbytes: int) -> None:
+    """Extend ``path`` to ``nbytes`` (sparse), failing early when the disk is full."""
+    with open(path, "r+b") as f:
+        f.truncate(nbytes)
+        try:
+            os.posix_fallocate(f.fileno(), 0, nbytes)
+        except OSError as exc:
+            if exc.errno not in (95, 22):  # EOPNOTSUPP / EINVAL: filesystem can't
+                raise
+
+
+def store(array: da.Array, target, *, label: str = "writing", progress=None) -> None:
+    """Compute ``array`` block by block into ``target`` on the current scheduler."""
+    stored = da.store(array, target, lock=False, compute=False)
+    compute(stored, label=label, progress=progress)
+
+
+def write_npy(array: da.Array, path: str, *, dtype=None, progress=None) -> None:
+    """Write ``array`` (X, Y, Z, N) as a Fortran-ordered ``.npy`` file at ``path``.
+
+    Each volume is one contiguous block of the file, so a volume read from the
+    result touches only its own pages.
+    """
+    dtype = np.dtype(dtype or array.dtype)
+    mm = np.lib.format.open_memmap(
+        path, mode="w+", dtype=dtype, shape=array.shape, fortran_order=True
+    )
+    offset = mm.offset
+    del mm
+    presize(path, offset + math.prod(array.shape) * dtype.itemsize)
+    store(array, VolumeFileTarget(path, offset, array.shape, dtype), progress=progress)
+
+
+def open_memmap(path: str, mode: str = "r") -> np.memmap:
+    """Open a ``.npy`` file as an ``np.memmap`` (a true ndarray)."""
+    return np.load(path, mmap_mode=mode)
+
+
+__all__ = ["VolumeFileTarget", "HDF5Target", "presize", "store", "write_npy", "open_memmap"]
