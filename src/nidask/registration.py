@@ -557,7 +557,11 @@ class _Sampler:
         out = np.empty((coords.shape[1], 3))
         for k, diff in enumerate(self.level.gradient):
             at = coords.copy()
-            at[k] = np.floor(at[k])
+            plane = np.floor(at[k])
+            # before the first plane the ("nearest"-padded) image is flat: use the
+            # last plane, whose forward difference is zero
+            plane[plane < 0] = diff.shape[k] - 1
+            at[k] = plane
             out[:, k] = self.sample(diff, at)
         return out
 
@@ -577,7 +581,7 @@ class _NCCCost(_Sampler):
         m = self.sample(self.level.moving, coords).astype(np.float64)
         mc = m - m.mean()
         mnorm2 = mc @ mc
-        if mnorm2 <= 0:  # moved entirely off the object: flat, push back with 0 grad
+        if mnorm2 <= 0:  # samples a flat region only: no information, no gradient
             return 1.0, np.zeros(6)
         mnorm = math.sqrt(mnorm2)
         ncc = float(self.fc @ mc) / mnorm
@@ -598,13 +602,16 @@ class _MICost(_Sampler):
     def __init__(self, level, inv_aff, center, scale, bins):
         super().__init__(level, inv_aff, center, scale)
         self.bins = int(bins)
-        self.fbin = self._binned(level.fixed, *self._range(level.fixed))
+        # fixed values go to their nearest bin, moving values are split linearly
+        # between two bins so that the histogram varies continuously with motion
+        self.fbin = np.rint(self._binned(level.fixed, *self._range(level.fixed)))
+        self.fbin = self.fbin.astype(np.intp) * self.bins
         self.mrange = self._range(level.moving.ravel())
 
     @staticmethod
     def _range(values: np.ndarray) -> tuple[float, float]:
-        lo, hi = np.percentile(values, [0.5, 99.5])
-        return float(lo), float(hi) if hi > lo else float(lo) + 1.0
+        lo, hi = (float(v) for v in np.percentile(values, [0.5, 99.5]))
+        return (lo, hi) if hi > lo else (lo, lo + 1.0)
 
     def _binned(self, values, lo, hi):
         pos = (np.clip(values, lo, hi) - lo) / (hi - lo) * (self.bins - 1)
@@ -615,12 +622,11 @@ class _MICost(_Sampler):
         coords = self.coords(params, _rotation(params[3:]))
         m = self.sample(self.level.moving, coords).astype(np.float64)
         mpos = self._binned(m, *self.mrange)
-        fi = np.rint(self.fbin).astype(np.intp)
         m0 = np.minimum(np.floor(mpos).astype(np.intp), self.bins - 2)
         frac = mpos - m0
         b = self.bins
-        joint = np.bincount(fi * b + m0, weights=1.0 - frac, minlength=b * b)
-        joint += np.bincount(fi * b + m0 + 1, weights=frac, minlength=b * b)
+        joint = np.bincount(self.fbin + m0, weights=1.0 - frac, minlength=b * b)
+        joint += np.bincount(self.fbin + m0 + 1, weights=frac, minlength=b * b)
         joint = joint.reshape(b, b) / joint.sum()
         pf = joint.sum(axis=1)
         pm = joint.sum(axis=0)
