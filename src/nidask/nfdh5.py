@@ -11,6 +11,7 @@ know are stored with a leading underscore, which nifreeze skips.
 
 from __future__ import annotations
 
+import attrs
 import h5py
 import numpy as np
 
@@ -75,13 +76,14 @@ def read_nfdh5(filename, *, cache: Cache | None = None) -> BaseDataset:
             raise InputError("HDF5 file has no group /0", path)
         root = f["0"]
         default = "pet" if fmt == "EMC/PET" else "base dataset"
-        kind = _text(root.attrs.get("Type")) or _text(f.attrs.get("Type")) or default
+        # nifreeze 0.1.0 marks a DWI at file level and leaves "base dataset" on /0
+        kind = _text(f.attrs.get("Type")) or _text(root.attrs.get("Type")) or default
         if kind not in TYPES:
             raise InputError(f"unknown dataset Type {kind!r}", path)
         if "dataobj" not in root:
             raise InputError("HDF5 file has no /0/dataobj", path)
         cls = TYPES[kind]
-        names = {a.name for a in __import__("attrs").fields(cls)} - set(cls.internal_fields)
+        names = {a.name for a in attrs.fields(cls)} - set(cls.internal_fields)
         fields = {}
         for key in root:
             name = key[1:] if key.startswith("_") else key
