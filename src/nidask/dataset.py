@@ -80,6 +80,26 @@ def normalize_index(index, n: int) -> tuple[np.ndarray, bool]:
     return index % n, False
 
 
+def take_volumes(data: da.Array, positions) -> da.Array:
+    """``data[..., positions]`` that keeps the existing chunks (no shuffle, no copy).
+
+    dask turns an integer-array index into a shuffle: every output chunk is cut and
+    glued from up to two input chunks, so a single volume reads two whole chunks and
+    a streamed write holds about three chunks per task.  Runs of consecutive
+    positions become plain slices (which reference the source chunks) joined by
+    ``concatenate``.
+
+    >>> take_volumes(da.zeros((2, 2, 2, 10), chunks=(2, 2, 2, 4)), [1, 2, 3, 7]).chunks[3]
+    (3, 1)
+    """
+    positions = np.asarray(positions, dtype=int).reshape(-1)
+    if positions.size == 0:
+        return data[..., :0]
+    runs = np.split(positions, np.flatnonzero(np.diff(positions) != 1) + 1)
+    parts = [data[..., int(run[0]) : int(run[-1]) + 1] for run in runs]
+    return parts[0] if len(parts) == 1 else da.concatenate(parts, axis=3)
+
+
 @attrs.define(eq=False, repr=False, slots=False)
 class BaseDataset:
     """A lazy 4D series (X, Y, Z, N) with its geometry and motion matrices.
@@ -177,7 +197,9 @@ class BaseDataset:
         Volumes stay lazy (dask); an integer index gives one (X, Y, Z) volume.
         """
         positions, single = normalize_index(index, len(self))
-        volumes = self.dataobj[..., positions[0]] if single else self.dataobj[..., positions]
+        volumes = (
+            self.dataobj[..., positions[0]] if single else take_volumes(self.dataobj, positions)
+        )
         affines = None
         if self.motion_affines is not None:
             affines = self.motion_affines[positions[0] if single else positions]
@@ -186,7 +208,7 @@ class BaseDataset:
     def select(self, index) -> BaseDataset:
         """A dataset of the same type holding the selected volumes (deferred)."""
         positions, _ = normalize_index(index, len(self))
-        changes = {"dataobj": self.dataobj[..., positions]}
+        changes = {"dataobj": take_volumes(self.dataobj, positions)}
         for name in self.volume_fields:
             value = getattr(self, name)
             if value is not None:
@@ -352,7 +374,14 @@ class BaseDataset:
     def __eq__(self, other) -> bool:
         if type(other) is not type(self):
             return NotImplemented
-        for name in self._public_fields():
+        names = self._public_fields()
+        # metadata first: a mismatch there answers without computing any data
+        names.sort(
+            key=lambda n: (
+                isinstance(getattr(self, n), da.Array) or isinstance(getattr(other, n), da.Array)
+            )
+        )
+        for name in names:
             if not arrays_equal(
                 _array_or_none(getattr(self, name)), _array_or_none(getattr(other, name))
             ):

@@ -9,6 +9,7 @@ by the norm, and near-zero directions mark b=0 volumes.  The b=0 volumes leave
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import attrs
@@ -16,7 +17,7 @@ import dask.array as da
 import numpy as np
 
 from .cache import Cache
-from .dataset import BaseDataset
+from .dataset import BaseDataset, take_volumes
 from .errors import InputError
 from .sources import check_readable, open_source
 
@@ -53,7 +54,10 @@ def normalize_gradients(table, path: str | None = None) -> np.ndarray:
     rescale = ~null & ~np.isclose(norms, 1.0, atol=GRADIENT_ATOL)
     table[rescale, :3] /= norms[rescale, None]
     table[rescale, 3] *= norms[rescale]
-    table[~null & ~rescale, :3] /= norms[~null & ~rescale, None]
+    # rows already unit to rounding are left alone, so normalising is idempotent (a
+    # table survives select/lofo/NFDH5 round trips bit for bit)
+    almost = ~null & ~rescale & (np.abs(norms - 1.0) > 1e-12)
+    table[almost, :3] /= norms[almost, None]
     if np.any(table[:, 3] < 0):
         raise InputError("gradient table has negative b-values", path)
     return table
@@ -103,12 +107,14 @@ def read_gradients(
 
 def load_mask(path, shape3d: tuple[int, ...], what: str = "brain mask") -> np.ndarray:
     """Read a 3D mask file (NIfTI, .npy) as bool; its shape must be ``shape3d``."""
-    source = open_source(path, cache=Cache())
-    if source.shape[:3] != tuple(shape3d) or source.shape[3] != 1:
-        raise InputError(
-            f"{what} shape {source.shape[:3]} differs from the series {shape3d}", path
-        )
-    return source[:, :, :, 0:1][..., 0] != 0
+    # the cache (where a .nii.gz mask is decompressed) must outlive the read
+    with contextlib.closing(Cache()) as cache:
+        source = open_source(path, cache=cache)
+        if source.shape[:3] != tuple(shape3d) or source.shape[3] != 1:
+            raise InputError(
+                f"{what} shape {source.shape[:3]} differs from the series {shape3d}", path
+            )
+        return source[:, :, :, 0:1][..., 0] != 0
 
 
 def find_shells(bvals: np.ndarray, num_bins: int = 15, bval_cap: float = 8000.0) -> list:
@@ -161,7 +167,8 @@ class DWI(BaseDataset):
             )
         if self.bzero is not None and tuple(self.bzero.shape) != self.shape3d:
             raise InputError(
-                f"b=0 volume shape {tuple(self.bzero.shape)} differs from the series {self.shape3d}"
+                f"b=0 volume shape {tuple(self.bzero.shape)} "
+                f"differs from the series {self.shape3d}"
             )
 
     @property
@@ -217,7 +224,7 @@ def split_b0(
     b0_index = np.flatnonzero(is_b0)
     if b0_index.size == 0:
         return np.flatnonzero(~is_b0), None
-    b0s = data[..., b0_index]
+    b0s = take_volumes(data, b0_index)
     if b0_index.size == 1:
         bzero = b0s[..., 0].astype(np.float32)
     else:
@@ -282,7 +289,7 @@ def from_nii(
         mask = load_mask(brainmask_file, source.shape[:3])
         inputs.append(os.path.abspath(brainmask_file))
     return DWI(
-        dataobj=data[..., keep] if keep.size < len(table) else data,
+        dataobj=take_volumes(data, keep) if keep.size < len(table) else data,
         affine=source.affine if hasattr(source, "affine") else np.eye(4),
         brainmask=mask,
         datahdr=getattr(source, "header", None),

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 
 from .cache import Cache, atomic_output
-from .dataset import BaseDataset
+from .dataset import BaseDataset, take_volumes
 from .dmri import DWI, split_b0
 from .errors import InputError
 from .pet import PET
@@ -95,7 +95,9 @@ def read_nfdh5(filename, *, cache: Cache | None = None) -> BaseDataset:
         if cls is DWI and "gradients" in fields:
             keep, bzero = split_b0(data, np.asarray(fields["gradients"], dtype=float))
             if keep.size < len(fields["gradients"]):
-                data = data[..., keep]
+                # positions in the file, so original_index still points at the source
+                fields.setdefault("original_index", np.arange(data.shape[3]))
+                data = take_volumes(data, keep)
                 fields["gradients"] = fields["gradients"][keep]
                 fields.setdefault("bzero", bzero)
                 for name in ("motion_affines", "original_index"):

@@ -50,16 +50,26 @@ def phantom_affine(shape3d, zooms=(2.5, 2.5, 2.5)) -> np.ndarray:
     return affine
 
 
-def anatomy(shape3d, rng: np.random.Generator, n_regions: int = 4) -> np.ndarray:
-    """Integer labels (0 = background) of nested smooth ellipsoids."""
+def anatomy(shape3d, rng: np.random.Generator) -> np.ndarray:
+    """Integer labels: 0 background, 1 CSF-like, 2 grey-like, 3-4 white-like.
+
+    Nested, randomly rotated ellipsoids plus a few off-centre blobs, so the
+    anatomy has no rotational symmetry (rotations stay identifiable).
+    """
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape3d], indexing="ij"), -1)
+
+    def ellipsoid(centre, radii):
+        rotation = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+        local = (grid - centre) @ rotation
+        return ((local / radii) ** 2).sum(-1) <= 1
+
     labels = np.zeros(shape3d, dtype=np.int16)
-    radii = np.array([0.8, 0.7, 0.75])
-    for region in range(1, n_regions + 1):
-        centre = rng.uniform(-0.15, 0.15, 3) * (region > 1)
-        scale = radii * (1.0 - 0.2 * (region - 1)) * rng.uniform(0.85, 1.1, 3)
-        inside = (((grid - centre) / scale) ** 2).sum(-1) <= 1
-        labels[inside] = region
+    labels[ellipsoid(np.zeros(3), np.array([0.85, 0.75, 0.8]))] = 1
+    labels[ellipsoid(rng.uniform(-0.05, 0.05, 3), np.array([0.75, 0.65, 0.7]))] = 2
+    for label in (3, 4, 3, 4):
+        labels[ellipsoid(rng.uniform(-0.35, 0.35, 3), rng.uniform(0.15, 0.4, 3))] = label
+    for _ in range(3):
+        labels[ellipsoid(rng.uniform(-0.4, 0.4, 3), rng.uniform(0.06, 0.15, 3))] = 1
     return labels
 
 
@@ -117,6 +127,7 @@ def make_dwi(
     seed: int = 0,
     dtype="int16",
     compressed: bool = False,
+    anisotropy: float = 0.6,
     name: str = "dwi",
 ) -> Phantom:
     """Write a DWI-like series (b=0 volumes first) with known motion.
@@ -136,16 +147,20 @@ def make_dwi(
         do not move: they are the reference).
     noise : float
         Gaussian noise as a fraction of the brightest tissue signal.
+    anisotropy : float
+        White-matter eigenvalues are ``0.8e-3 * (1 + a, 1 - a/2, 1 - a/2)``
+        (a = 0.6 gives FA 0.4, 1.0 gives FA 0.67).
     """
     rng = np.random.default_rng(seed)
     affine = phantom_affine(shape3d)
     labels = anatomy(shape3d, rng)
-    s0 = ndimage.gaussian_filter(np.array([0, 0.6, 0.8, 1.0, 0.9])[labels], 1.0)
-    tensors = []
-    for _ in range(5):
+    s0 = ndimage.gaussian_filter(np.array([0, 1.0, 0.8, 0.7, 0.75])[labels], 1.0)
+    # background, CSF-like (free water), grey-matter-like, two white-matter-like
+    # regions with their own fibre direction (FA 0.4 by default)
+    evals = np.array([1.0 + anisotropy, 1.0 - anisotropy / 2, 1.0 - anisotropy / 2]) * 0.8e-3
+    tensors = [np.zeros((3, 3)), np.eye(3) * 3.0e-3, np.eye(3) * 0.8e-3]
+    for _ in range(2):
         axis = rng.normal(size=3)
-        axis /= np.linalg.norm(axis)
-        evals = np.array([1.7e-3, 0.4e-3, 0.4e-3]) * rng.uniform(0.7, 1.2)
         basis = np.linalg.qr(np.column_stack([axis, rng.normal(size=(3, 2))]))[0]
         tensors.append(basis @ np.diag(evals) @ basis.T)
     tensors = np.array(tensors)

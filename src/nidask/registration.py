@@ -37,7 +37,8 @@ registration is expected (``get_registration(my_callable)``), or registered by n
 wrap ``fixed``/``moving`` in ``ants.from_numpy(..., origin, spacing, direction)``
 built from ``affine``, run ``ants.registration(fixed, moving, "Rigid")``, read the
 forward transform (ITK maps fixed-space LPS points to moving-space LPS points, i.e.
-the same direction as ``A``) and convert it to RAS with
+the same direction as ``A``), compose its matrix, translation and centre into a
+4x4 ``A_lps`` and convert it to RAS with
 ``A = F @ A_lps @ F`` where ``F = diag(-1, -1, 1, 1)``. nidask does not depend on
 ANTs.
 """
@@ -411,6 +412,9 @@ class RigidRegistration:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # accept lists (e.g. from a config file); keep instances hashable
+        object.__setattr__(self, "shrink", tuple(int(f) for f in self.shrink))
+        object.__setattr__(self, "smoothing", tuple(float(v) for v in self.smoothing))
         if self.metric not in ("ncc", "mi"):
             raise InputError(f"unknown registration metric {self.metric!r} (use 'ncc' or 'mi')")
         if len(self.shrink) != len(self.smoothing) or not self.shrink:
@@ -466,8 +470,8 @@ class RigidRegistration:
                     method="Powell",
                     options={"maxiter": self.maxiter, "xtol": 1e-3, "ftol": 1e-9},
                 )
-            # L-BFGS-B may stop on a line-search failure at the optimum (float32
-            # noise); its x is still the best point it accepted.
+            # L-BFGS-B may also stop on a line-search failure at the kinks of the
+            # trilinear cost near the optimum; its x is the best point it accepted.
             params = np.asarray(res.x, dtype=np.float64) * scale
         return rigid_matrix(params, center=center)
 

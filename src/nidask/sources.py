@@ -249,7 +249,7 @@ class GzipNiftiSource(NiftiSource):
                         shutil.copyfileobj(src, dst, COPY_BLOCK)
                     self._check_size(partial)
                     os.replace(partial, self.data_path)
-                except (OSError, EOFError, zlib.error) as exc:
+                except (OSError, EOFError, zlib.error, InputError) as exc:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(partial)
                     if isinstance(exc, InputError):

@@ -21,7 +21,7 @@ import numpy as np
 from .progress import compute
 
 
-def _pwrite_all(fd: int, buffer, offset: int) -> None:
+def pwrite_all(fd: int, buffer, offset: int) -> None:
     view = memoryview(buffer).cast("B")
     while view.nbytes:
         written = os.pwrite(fd, view, offset)
@@ -65,7 +65,7 @@ class VolumeFileTarget:
         block = np.asfortranarray(value, dtype=self.dtype)
         fd = os.open(self.path, os.O_WRONLY)
         try:
-            _pwrite_all(fd, block.T.data, self.offset + start * self.volume_bytes)
+            pwrite_all(fd, block.T.data, self.offset + start * self.volume_bytes)
         finally:
             os.close(fd)
 
@@ -111,6 +111,18 @@ def store(array: da.Array, target, *, label: str = "writing", progress=None) -> 
     compute(stored, label=label, progress=progress)
 
 
+def create_npy(path: str, shape, dtype, *, fortran_order: bool) -> int:
+    """Create a pre-sized ``.npy`` file (header only, data unwritten); return the data offset."""
+    dtype = np.dtype(dtype)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": fortran_order}
+    header["shape"] = tuple(int(s) for s in shape)
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_2_0(f, header)
+        offset = f.tell()
+    presize(path, offset + math.prod(shape) * dtype.itemsize)
+    return offset
+
+
 def write_npy(array: da.Array, path: str, *, dtype=None, progress=None) -> None:
     """Write ``array`` (X, Y, Z, N) as a Fortran-ordered ``.npy`` file at ``path``.
 
@@ -118,12 +130,7 @@ def write_npy(array: da.Array, path: str, *, dtype=None, progress=None) -> None:
     result touches only its own pages.
     """
     dtype = np.dtype(dtype or array.dtype)
-    mm = np.lib.format.open_memmap(
-        path, mode="w+", dtype=dtype, shape=array.shape, fortran_order=True
-    )
-    offset = mm.offset
-    del mm
-    presize(path, offset + math.prod(array.shape) * dtype.itemsize)
+    offset = create_npy(path, array.shape, dtype, fortran_order=True)
     store(array, VolumeFileTarget(path, offset, array.shape, dtype), progress=progress)
 
 
@@ -132,4 +139,13 @@ def open_memmap(path: str, mode: str = "r") -> np.memmap:
     return np.load(path, mmap_mode=mode)
 
 
-__all__ = ["VolumeFileTarget", "HDF5Target", "presize", "store", "write_npy", "open_memmap"]
+__all__ = [
+    "HDF5Target",
+    "VolumeFileTarget",
+    "create_npy",
+    "open_memmap",
+    "presize",
+    "pwrite_all",
+    "store",
+    "write_npy",
+]

@@ -1,0 +1,209 @@
+"""One nidask benchmark measurement, run in its own process by ``benchmarks/run.py``.
+
+    python benchmarks/_nidask_task.py TASK --nii IN.nii --bvec F --bval F --out OUTDIR \
+        [--chunk-size 64MiB] [--workers N] [--cache-dir DIR] [--matrices M.npy] \
+        [--order N] [--ext .nii|.nii.gz]
+
+Tasks (each prints exactly one JSON line on stdout):
+
+    copy                ``shutil.copyfile(--nii, OUTDIR/copy.nii)``: the I/O limit (stdlib only)
+    open_one_volume     ``dmri.from_nii``, then one volume as a numpy array
+    materialize         ``from_nii``, then ``materialize()`` into the owned cache
+    to_filename         ``from_nii``, then ``to_filename(OUTDIR/nidask.h5)`` (NFDH5)
+    to_nifti            ``from_nii``, then ``to_nifti(OUTDIR/nidask<ext>)`` (no motion)
+    resampled_to_nifti  ``from_nii``, ``set_transform`` for every DW volume, ``to_nifti``
+
+Every line carries ``task``, ``wall_s`` (the work only: open + operation, imports
+excluded), ``maxrss_mb`` (peak RSS of this process, ``ru_maxrss``) and ``baseline_mb``
+(``ru_maxrss`` right after the imports, before any work), as
+``benchmarks/peer_nifreeze.py`` does for nifreeze.  Dask runs on the threaded
+scheduler with ``--workers`` threads; the chunk budget is ``nidask.chunk-size``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+TASKS = (
+    "copy",
+    "open_one_volume",
+    "materialize",
+    "to_filename",
+    "to_nifti",
+    "resampled_to_nifti",
+)
+
+
+def _maxrss_mb() -> float:
+    # Linux reports ru_maxrss in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _import_nidask() -> None:
+    """Import everything the nidask tasks touch, so the baseline holds imports only."""
+    import importlib.util
+
+    if importlib.util.find_spec("nidask") is None:  # a checkout without an install
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "src"))
+    import dask  # noqa: F401
+    import dask.array  # noqa: F401
+    import h5py  # noqa: F401
+    import nibabel  # noqa: F401
+    import numpy  # noqa: F401
+    import scipy.ndimage  # noqa: F401
+
+    import nidask  # noqa: F401
+    import nidask.export  # noqa: F401
+    import nidask.nfdh5  # noqa: F401
+    import nidask.nifti  # noqa: F401
+    import nidask.resample  # noqa: F401
+    import nidask.store  # noqa: F401
+
+
+def _load(args):
+    import nidask
+
+    return nidask.dmri.from_nii(args.nii, bvec_file=args.bvec, bval_file=args.bval)
+
+
+def _data_bytes(ds) -> int:
+    return int(ds.dataobj.size * ds.dataobj.dtype.itemsize)
+
+
+def _outdir(args) -> str:
+    os.makedirs(args.out, exist_ok=True)
+    return args.out
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def task_copy(args) -> dict:
+    import shutil
+
+    dst = os.path.join(_outdir(args), "copy.nii")
+    shutil.copyfile(args.nii, dst)
+    return {"bytes": os.path.getsize(dst), "outputs": [dst]}
+
+
+def task_open_one_volume(args) -> dict:
+    import numpy as np
+
+    with _load(args) as dwi:
+        # index into the DW-only series, as nifreeze (b0 volumes are dropped)
+        vol = np.asarray(dwi[args.index][0].compute())
+        return {
+            "index": args.index,
+            "n_volumes": len(dwi),
+            "bytes": int(vol.nbytes),
+            "vol_sum": float(vol.sum(dtype=np.float64)),
+        }
+
+
+def task_materialize(args) -> dict:
+    with _load(args) as dwi:
+        m = dwi.materialize()
+        size = os.path.getsize(m.memmap_path)
+        return {"n_volumes": len(dwi), "bytes": _data_bytes(dwi), "file_bytes": size}
+
+
+def task_to_filename(args) -> dict:
+    path = os.path.join(_outdir(args), "nidask.h5")
+    with _load(args) as dwi:
+        dwi.to_filename(path)
+        return {"n_volumes": len(dwi), "bytes": _data_bytes(dwi), "outputs": [path]}
+
+
+def task_to_nifti(args) -> dict:
+    path = os.path.join(_outdir(args), f"nidask{args.ext}")
+    with _load(args) as dwi:
+        dwi.to_nifti(path)
+        return {
+            "n_volumes": len(dwi),
+            "bytes": _data_bytes(dwi),
+            "file_bytes": os.path.getsize(path),
+            "outputs": [path],
+        }
+
+
+def task_resampled_to_nifti(args) -> dict:
+    import numpy as np
+
+    path = os.path.join(_outdir(args), f"nidask_resampled{args.ext}")
+    with _load(args) as dwi:
+        matrices = np.load(args.matrices)
+        if matrices.shape != (len(dwi), 4, 4):
+            raise SystemExit(f"--matrices must be ({len(dwi)}, 4, 4), got {matrices.shape}")
+        for i, matrix in enumerate(matrices):
+            dwi.set_transform(i, matrix)
+        dwi.to_nifti(path, order=args.order)
+        return {
+            "order": args.order,
+            "n_volumes": len(dwi),
+            "bytes": _data_bytes(dwi),
+            "outputs": [path],
+        }
+
+
+# ------------------------------------------------------------------------------ cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("task", choices=TASKS)
+    p.add_argument("--nii", required=True, help="4D NIfTI input (.nii)")
+    p.add_argument("--bvec", help="FSL-style .bvec")
+    p.add_argument("--bval", help="FSL-style .bval")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--chunk-size", default="64MiB", help="nidask.chunk-size (default 64MiB)")
+    p.add_argument("--workers", type=int, default=None, help="dask threads (default: cores)")
+    p.add_argument("--cache-dir", default=None, help="nidask.cache-dir (default: temp dir)")
+    p.add_argument("--matrices", help="(N_dw, 4, 4) .npy of motion matrices")
+    p.add_argument("--order", type=int, default=3, help="interpolation order (default 3)")
+    p.add_argument("--ext", default=".nii", choices=(".nii", ".nii.gz"))
+    p.add_argument("--index", type=int, default=0, help="volume for open_one_volume")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = {}
+    if args.task != "copy":
+        _import_nidask()
+        import dask
+
+        config = {
+            "scheduler": "threads",
+            "num_workers": args.workers or os.cpu_count(),
+            "nidask.chunk-size": args.chunk_size,
+            "nidask.cache-dir": args.cache_dir,
+            "nidask.progress": False,
+        }
+        dask.config.set(config)
+    baseline = _maxrss_mb()
+
+    t0 = time.perf_counter()
+    info = globals()[f"task_{args.task}"](args)
+    wall = time.perf_counter() - t0
+
+    record = {
+        "task": args.task,
+        "wall_s": round(wall, 6),
+        "maxrss_mb": round(_maxrss_mb(), 3),
+        "baseline_mb": round(baseline, 3),
+        "workers": config.get("num_workers"),
+        "chunk_size": config.get("nidask.chunk-size"),
+        **info,
+    }
+    sys.stdout.write(json.dumps(record) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""Leave-one-volume-out head-motion estimation on any dask scheduler, resumable.
+
+For each pass the estimator
+
+1. materializes the training series once (pass 1: the data as they are; later
+   passes: the data resampled with the previous estimates) as a volume-contiguous
+   ``.npy``,
+2. writes its masked voxels once as a voxel-major matrix,
+3. predicts **every** left-out volume with the model, block of voxels by block,
+4. registers each observed volume to its prediction — one dask task per fold,
+   reading both by path — and records the matrix as soon as it is known.
+
+All of it lives in a run directory.  A run interrupted at any point (killed
+process, lost worker) and started again with the same directory skips every step
+and fold already recorded and ends with the same matrices.
+
+Reference frame
+---------------
+Matrices follow DESIGN.md (reference RAS -> moving RAS).  The reference is
+``reference="model"``: the frame of the model's predictions (the average position
+of the series); ``"bzero"`` (DWI): the frame of the b=0 reference, found by
+registering it to the motion-corrected average with mutual information; or an
+integer ``k``: the frame of volume ``k`` (whose matrix becomes the identity).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+
+import attrs
+import dask
+import numpy as np
+from dask.base import tokenize
+from scipy import ndimage
+
+from .cache import atomic_output
+from .dmri import DWI
+from .errors import InputError
+from .lofo import (
+    fold_order,
+    read_column,
+    scatter,
+    sweep_predictions,
+    write_vector,
+    write_voxel_major,
+)
+from .models import get_model
+from .pet import PET
+from .progress import compute
+from .registration import RigidRegistration, get_registration
+from .sources import read_npy_header
+
+RUN_FILE = "run.json"
+
+
+def read_volume(path: str, index: int) -> np.ndarray:
+    """Volume ``index`` of a volume-contiguous ``.npy`` as float32 (one read)."""
+    shape, fortran, dtype, offset = read_npy_header(path)
+    if not fortran:
+        raise InputError("expected a Fortran-ordered (volume-contiguous) array", path)
+    size3d = int(np.prod(shape[:3]))
+    with open(path, "rb") as f:
+        raw = os.pread(
+            f.fileno(), size3d * dtype.itemsize, offset + index * size3d * dtype.itemsize
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(shape[:3], order="F").astype(np.float32)
+
+
+def _save_atomic(path: str, array: np.ndarray) -> None:
+    with atomic_output(path) as temp:
+        with open(temp, "wb") as f:
+            np.save(f, array)
+
+
+def register_fold(
+    volumes: str,
+    predictions: str,
+    mask_path: str,
+    fold: int,
+    affine: np.ndarray,
+    registration,
+    record: str,
+    init: np.ndarray | None = None,
+) -> np.ndarray:
+    """Register observed volume ``fold`` to its prediction and record the matrix.
+
+    Runs inside a task: every input is read by path.
+    """
+    mask = np.load(mask_path)
+    fixed = scatter(read_column(predictions, fold), grow_mask(mask))
+    moving = read_volume(volumes, fold)
+    matrix = np.asarray(registration(fixed, moving, affine, mask=mask, init=init), dtype=float)
+    _save_atomic(record, matrix)
+    return matrix
+
+
+def grow_mask(mask: np.ndarray, voxels: int = 4) -> np.ndarray:
+    """The mask dilated by ``voxels``: where models predict.
+
+    Registration smooths and interpolates the prediction near the brain's edge;
+    predicting a margin around the mask keeps zeros out of those samples.
+    """
+    return ndimage.binary_dilation(mask, iterations=voxels)
+
+
+def _volume_meta(dataset) -> dict:
+    if isinstance(dataset, DWI):
+        return {"gradients": dataset.gradients}
+    if isinstance(dataset, PET):
+        return {"midframe": dataset.midframe}
+    return {}
+
+
+def default_mask(volumes: str, shape3d, fraction: float = 0.05) -> np.ndarray:
+    """Voxels whose mean signal exceeds ``fraction`` of its 99th percentile."""
+    from .sources import NpySource
+
+    mean = NpySource(volumes).to_dask().mean(axis=-1).compute()
+    return mean > fraction * np.percentile(mean, 99)
+
+
+@attrs.define
+class Estimator:
+    """Leave-one-volume-out motion estimation.
+
+    Parameters
+    ----------
+    model : str, Model or callable
+        ``"average"`` (per-shell mean), ``"median"``, ``"b0"``, ``"dti"``, ``"pet"``
+        (temporal interpolation), a :class:`nidask.models.Model` or a function
+        ``f(train_data, train_meta, test_meta)``; see :mod:`nidask.models`.
+    registration : str or callable
+        ``"rigid"`` or any :class:`nidask.registration.Registration`.
+    order : str
+        Fold scheduling order: ``"sequential"``, ``"reverse"``, ``"random"``,
+        ``"bvalue"``.
+    seed : int
+        Seed of ``order="random"``.
+    passes : int
+        Estimation passes; later ones fit the model on data corrected by the
+        previous estimates (sharper predictions).
+    reference : "model", "bzero" or int
+        Frame of the returned matrices (see the module docstring).
+    resample_order : int
+        Interpolation order used to correct training data between passes.
+    progress : bool, optional
+        Progress display (default: ``nidask.progress`` config).
+    """
+
+    model: object = "average"
+    registration: object = "rigid"
+    order: str = "sequential"
+    seed: int = 0
+    passes: int = 2
+    reference: object = "model"
+    resample_order: int = 1
+    progress: bool | None = None
+
+    def _models(self) -> list:
+        """One model per pass (the last one repeats)."""
+        specs = self.model if isinstance(self.model, list | tuple) else [self.model]
+        if not specs:
+            raise InputError("no model given")
+        return [get_model(spec) for spec in specs]
+
+    def _identity(self, dataset) -> str:
+        config = [repr(m) for m in self._models()] + [repr(get_registration(self.registration))]
+        config += [self.passes, self.resample_order]
+        return tokenize(
+            dataset.dataobj.name, dataset.affine, _volume_meta(dataset), dataset.brainmask, config
+        )
+
+    def _prepare(self, dataset, workdir):
+        if workdir is None:
+            workdir = dataset.cache.new_path("", stem="estimate")
+        workdir = os.path.abspath(os.fspath(workdir))
+        os.makedirs(workdir, exist_ok=True)
+        run_file = os.path.join(workdir, RUN_FILE)
+        identity = self._identity(dataset)
+        if os.path.exists(run_file):
+            with open(run_file) as f:
+                recorded = json.load(f).get("identity")
+            if recorded != identity:
+                raise InputError(
+                    "run directory holds a run of another dataset or configuration; "
+                    "use a new directory",
+                    workdir,
+                )
+        else:
+            with atomic_output(run_file) as temp, open(temp, "w") as f:
+                json.dump({"identity": identity, "n_volumes": len(dataset)}, f)
+        return workdir
+
+    def run(self, dataset, client=None, workdir=None):
+        """Estimate every volume's motion.
+
+        Parameters
+        ----------
+        dataset : BaseDataset
+            Any lazy dataset (DWI, PET, ...).
+        client : distributed.Client, optional
+            Run the tasks on this cluster (default: dask's current scheduler).
+        workdir : path-like, optional
+            Run directory (kept; pass the same one to resume).  Default: a
+            directory in the dataset's owned cache.
+
+        Returns
+        -------
+        Dataset of the same type with ``motion_affines`` filled.
+        """
+        models = self._models()
+        registration = get_registration(self.registration)
+        if self.passes < 1:
+            raise InputError(f"passes must be at least 1, got {self.passes}")
+        if len(dataset) < 3:
+            raise InputError(f"leave-one-out needs at least 3 volumes, got {len(dataset)}")
+        workdir = self._prepare(dataset, workdir)
+        scheduler = (
+            dask.config.set(scheduler=client) if client is not None else contextlib.nullcontext()
+        )
+        with scheduler:
+            raw = self._step(
+                os.path.join(workdir, "data.npy"),
+                lambda p: dataset.materialize(p, progress=self.progress),
+            )
+            mask = (
+                dataset.brainmask
+                if dataset.brainmask is not None
+                else default_mask(raw, dataset.shape3d)
+            )
+            mask_path = os.path.join(workdir, "mask.npy")
+            if not os.path.exists(mask_path):
+                _save_atomic(mask_path, np.asarray(mask, dtype=bool))
+            mask = np.load(mask_path)
+            voxel_meta = {}
+            if isinstance(dataset, DWI) and dataset.bzero is not None:
+                bzero = np.asarray(dask.compute(dataset.bzero)[0])[grow_mask(mask)]
+                voxel_meta["bzero"] = self._step(
+                    os.path.join(workdir, "bzero.npy"), lambda p: write_vector(p, bzero)
+                )
+            order = fold_order(
+                len(dataset), self.order, self.seed, getattr(dataset, "bvals", None)
+            )
+            matrices = None
+            for p in range(1, self.passes + 1):
+                matrices = self._pass(
+                    dataset,
+                    p,
+                    workdir,
+                    raw,
+                    mask,
+                    mask_path,
+                    models[min(p, len(models)) - 1],
+                    registration,
+                    voxel_meta,
+                    order,
+                    matrices,
+                )
+            matrices = self._to_reference(dataset, matrices, workdir, raw, mask, registration)
+        return attrs.evolve(dataset, motion_affines=matrices)
+
+    def _step(self, path: str, produce) -> str:
+        """Run ``produce(temp)`` unless ``path`` exists; rename on success."""
+        if not os.path.exists(path):
+            with atomic_output(path) as temp:
+                produce(temp)
+        return path
+
+    def _pass(
+        self,
+        dataset,
+        p,
+        workdir,
+        raw,
+        mask,
+        mask_path,
+        model,
+        registration,
+        voxel_meta,
+        order,
+        previous,
+    ):
+        folder = os.path.join(workdir, f"pass-{p}")
+        os.makedirs(folder, exist_ok=True)
+        training = raw
+        if previous is not None:
+            corrected = attrs.evolve(dataset, motion_affines=previous).resampled(
+                order=self.resample_order
+            )
+            training = self._step(
+                os.path.join(folder, "corrected.npy"),
+                lambda t: corrected.materialize(t, progress=self.progress),
+            )
+        voxels = self._step(
+            os.path.join(folder, "voxels.npy"),
+            lambda t: write_voxel_major(training, grow_mask(mask), t, progress=self.progress),
+        )
+        meta = _volume_meta(dataset)
+        predictions = self._step(
+            os.path.join(folder, "predictions.npy"),
+            lambda t: sweep_predictions(
+                voxels, model, meta, t, voxel_meta=voxel_meta, progress=self.progress
+            ),
+        )
+        records = [os.path.join(folder, f"fold-{i:05d}.npy") for i in range(len(dataset))]
+        todo = [i for i in order if not os.path.exists(records[i])]
+        tasks = [
+            dask.delayed(register_fold, pure=False)(
+                raw,
+                predictions,
+                mask_path,
+                int(i),
+                dataset.affine,
+                registration,
+                records[i],
+                None,
+            )
+            for i in todo
+        ]
+        compute(*tasks, label=f"pass {p}: registering {len(todo)} folds", progress=self.progress)
+        return np.stack([np.load(r) for r in records])
+
+    def _to_reference(self, dataset, matrices, workdir, raw, mask, registration):
+        reference = self.reference
+        if isinstance(reference, str) and reference == "model":
+            return matrices
+        if isinstance(reference, int | np.integer):
+            if not -len(dataset) <= reference < len(dataset):
+                raise InputError(f"reference volume {reference} out of range")
+            return matrices @ np.linalg.inv(matrices[reference])
+        if reference == "bzero":
+            if not isinstance(dataset, DWI) or dataset.bzero is None:
+                raise InputError("reference='bzero' needs a DWI with a bzero volume")
+            template = self._template(dataset, matrices, workdir, mask)
+            bzero = np.asarray(dask.compute(dataset.bzero)[0], dtype=np.float32)
+            base = (
+                registration
+                if isinstance(registration, RigidRegistration)
+                else RigidRegistration()
+            )
+            to_bzero = attrs_replace(base, metric="mi")(template, bzero, dataset.affine, mask=mask)
+            return matrices @ np.linalg.inv(to_bzero)
+        raise InputError(
+            f"unknown reference {reference!r} (use 'model', 'bzero' or a volume index)"
+        )
+
+    def _template(self, dataset, matrices, workdir, mask) -> np.ndarray:
+        corrected = attrs.evolve(dataset, motion_affines=matrices).resampled(
+            order=self.resample_order
+        )
+        return np.asarray(corrected.dataobj.mean(axis=-1).compute(), dtype=np.float32)
+
+
+def attrs_replace(instance, **changes):
+    """A copy of a dataclass registration with ``changes``."""
+    import dataclasses
+
+    return dataclasses.replace(instance, **changes)
+
+
+def clear_run(workdir) -> None:
+    """Remove a run directory (user-named run directories are otherwise kept)."""
+    shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,316 @@
+"""Leave-one-out prediction models.
+
+The protocol is small and numpy-only, so existing model code works unchanged.
+Data arrive **voxel-major**: an ndarray of shape (n_voxels, n_volumes) holding the
+masked voxels of a block (the estimator feeds blocks of voxels that fit the chunk
+budget).  Metadata arrive as keyword arguments:
+
+``index``      positions of the volumes in the series,
+``gradients``  (n, 4) direction + b-value rows (DWI),
+``midframe``   (n,) mid-frame times (PET),
+``bzero``      (n_voxels,) b=0 signal of the block (DWI with a reference).
+
+A model implements::
+
+    model.fit(train_data, **train_meta)      # train_data (n_voxels, n_train)
+    model.predict(**test_meta) -> (n_voxels,) # metadata of the left-out volume
+
+and may also implement ``predict_folds(data, meta, folds) -> (n_voxels, len(folds))``
+computing every fold of a block at once (the built-ins do, which is what makes a
+full sweep cheap: the average model costs one pass over the data instead of N).
+A plain function ``f(train_data, train_meta, test_meta) -> (n_voxels,)`` is a model
+too (see :class:`CallableModel`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from .errors import InputError
+
+VOLUME_META = ("gradients", "midframe")
+VOXEL_META = ("bzero",)
+
+
+@runtime_checkable
+class Model(Protocol):
+    """What the estimator needs from a model."""
+
+    def fit(self, data: np.ndarray, **meta) -> None: ...
+
+    def predict(self, **meta) -> np.ndarray: ...
+
+
+def split_meta(meta: dict, positions) -> dict:
+    """Per-volume metadata at ``positions``; voxel metadata passed through."""
+    out = {"index": positions}
+    for key, value in meta.items():
+        out[key] = value[positions] if key in VOLUME_META else value
+    return out
+
+
+def predict_folds_by_fitting(model, data: np.ndarray, meta: dict, folds) -> np.ndarray:
+    """Generic sweep: for each fold, fit on the other volumes and predict it."""
+    n = data.shape[1]
+    out = np.empty((data.shape[0], len(folds)), dtype=np.float32)
+    for j, fold in enumerate(folds):
+        train = np.delete(np.arange(n), fold)
+        model.fit(data[:, train], **split_meta(meta, train))
+        out[:, j] = model.predict(**split_meta(meta, fold))
+    return out
+
+
+class FoldModel:
+    """Base class of the built-in models: ``predict_folds`` by fitting each fold."""
+
+    def predict_folds(self, data: np.ndarray, meta: dict, folds) -> np.ndarray:
+        return predict_folds_by_fitting(self, data, meta, folds)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def shell_members(meta: dict, n: int, per_shell: bool, tolerance: float) -> np.ndarray:
+    """(n, n) bool: volume j is in volume i's pool (same shell within ``tolerance``)."""
+    if not (per_shell and "gradients" in meta):
+        return np.ones((n, n), dtype=bool)
+    bvals = np.asarray(meta["gradients"])[:, 3]
+    return np.abs(bvals[:, None] - bvals[None, :]) <= tolerance
+
+
+class AverageModel(FoldModel):
+    """Mean (or median) of the training volumes, per b-shell for a DWI.
+
+    Parameters
+    ----------
+    stat : {"mean", "median"}
+        Statistic over the training volumes.
+    per_shell : bool
+        For a DWI, pool only training volumes whose b-value lies within
+        ``tolerance`` of the left-out volume's (all volumes when none does), as
+        nifreeze's ``AverageDWIModel`` does.
+    tolerance : float
+        Shell width in s/mm².
+    """
+
+    def __init__(self, stat: str = "mean", per_shell: bool = True, tolerance: float = 100.0):
+        if stat not in ("mean", "median"):
+            raise InputError(f"unknown statistic {stat!r} (use 'mean' or 'median')")
+        self.stat = stat
+        self.per_shell = per_shell
+        self.tolerance = tolerance
+
+    def fit(self, data, **meta):
+        self._data, self._meta = data, meta
+
+    def predict(self, **meta):
+        train = self._meta
+        members = np.ones(self._data.shape[1], dtype=bool)
+        if self.per_shell and "gradients" in meta and "gradients" in train:
+            members = np.abs(train["gradients"][:, 3] - meta["gradients"][3]) <= self.tolerance
+            members = members if members.any() else np.ones_like(members)
+        reduce = np.mean if self.stat == "mean" else np.median
+        return reduce(self._data[:, members], axis=1).astype(np.float32)
+
+    def predict_folds(self, data, meta, folds):
+        n = data.shape[1]
+        pools = shell_members(meta, n, self.per_shell, self.tolerance)
+        np.fill_diagonal(pools, False)
+        empty = ~pools.any(axis=1)
+        pools[empty] = ~np.eye(n, dtype=bool)[empty]
+        out = np.empty((data.shape[0], len(folds)), dtype=np.float32)
+        sums: dict[bytes, np.ndarray] = {}
+        for j, fold in enumerate(folds):
+            pool = pools[fold]
+            if self.stat == "median":
+                out[:, j] = np.median(data[:, pool], axis=1)
+                continue
+            # the pool plus the fold itself is shared by every fold of a shell:
+            # sum it once, then take the fold out
+            with_fold = pool.copy()
+            with_fold[fold] = True
+            key = with_fold.tobytes()
+            if key not in sums:
+                sums[key] = data[:, with_fold].sum(axis=1, dtype=np.float64)
+            out[:, j] = (sums[key] - data[:, fold]) / pool.sum()
+        return out
+
+    def __repr__(self):
+        return f"AverageModel(stat={self.stat!r}, per_shell={self.per_shell})"
+
+
+class B0Model(FoldModel):
+    """Predicts the b=0 reference for every volume (register with ``metric="mi"``)."""
+
+    def fit(self, data, **meta):
+        if meta.get("bzero") is None:
+            raise InputError("the b0 model needs a DWI with a bzero volume")
+        self._bzero = meta["bzero"]
+
+    def predict(self, **meta):
+        return np.asarray(self._bzero, dtype=np.float32)
+
+    def predict_folds(self, data, meta, folds):
+        if meta.get("bzero") is None:
+            raise InputError("the b0 model needs a DWI with a bzero volume")
+        return np.repeat(np.asarray(meta["bzero"], np.float32)[:, None], len(folds), axis=1)
+
+
+def tensor_design(gradients: np.ndarray) -> np.ndarray:
+    """Rows ``-b * [gx², gy², gz², 2gxgy, 2gxgz, 2gygz]`` of the log-linear DTI model."""
+    g, b = gradients[:, :3], gradients[:, 3]
+    gx, gy, gz = g.T
+    return -b[:, None] * np.stack(
+        [gx * gx, gy * gy, gz * gz, 2 * gx * gy, 2 * gx * gz, 2 * gy * gz], 1
+    )
+
+
+class DTIModel(FoldModel):
+    """Log-linear least-squares diffusion tensor fit (with the b=0 signal as S0).
+
+    ``log S = log S0 - b gᵀ D g``; with ``bzero`` available S0 is fixed to it,
+    otherwise log S0 is fitted as an intercept.
+    """
+
+    def __init__(self, min_signal: float = 1e-3):
+        self.min_signal = min_signal
+
+    def _design(self, gradients, with_intercept):
+        design = tensor_design(gradients)
+        return np.hstack([np.ones((len(design), 1)), design]) if with_intercept else design
+
+    def _log(self, values):
+        return np.log(np.maximum(values, self.min_signal))
+
+    def fit(self, data, **meta):
+        if "gradients" not in meta:
+            raise InputError("the dti model needs a DWI (gradients)")
+        self._bzero = meta.get("bzero")
+        free = self._bzero is None
+        y = self._log(data) - (0 if free else self._log(self._bzero)[:, None])
+        self._coef = y @ np.linalg.pinv(self._design(meta["gradients"], free)).T
+
+    def predict(self, **meta):
+        design = self._design(np.atleast_2d(meta["gradients"]), self._bzero is None)[0]
+        log_s = self._coef @ design + (0 if self._bzero is None else self._log(self._bzero))
+        return np.exp(log_s).astype(np.float32)
+
+    def predict_folds(self, data, meta, folds):
+        if "gradients" not in meta:
+            raise InputError("the dti model needs a DWI (gradients)")
+        bzero = meta.get("bzero")
+        free = bzero is None
+        design = self._design(meta["gradients"], free)
+        y = self._log(data) - (0 if free else self._log(bzero)[:, None])
+        out = np.empty((data.shape[0], len(folds)), dtype=np.float32)
+        n = data.shape[1]
+        for j, fold in enumerate(folds):
+            train = np.delete(np.arange(n), fold)
+            weights = np.linalg.pinv(design[train]).T @ design[fold]
+            log_s = y[:, train] @ weights + (0 if free else self._log(bzero))
+            out[:, j] = np.exp(np.clip(log_s, -30, 30))
+        return out
+
+
+class TemporalModel(FoldModel):
+    """PET: linear interpolation in time between the neighbouring frames.
+
+    The left-out frame is predicted at its mid-frame time from the two training
+    frames around it (the nearest one at either end of the series).
+    """
+
+    def fit(self, data, **meta):
+        if "midframe" not in meta:
+            raise InputError("the pet model needs frame timing (midframe)")
+        self._data, self._times = data, np.asarray(meta["midframe"], dtype=float)
+
+    def predict(self, **meta):
+        return _interpolate(self._data, self._times, float(meta["midframe"]))
+
+    def predict_folds(self, data, meta, folds):
+        if "midframe" not in meta:
+            raise InputError("the pet model needs frame timing (midframe)")
+        times = np.asarray(meta["midframe"], dtype=float)
+        out = np.empty((data.shape[0], len(folds)), dtype=np.float32)
+        for j, fold in enumerate(folds):
+            train = np.delete(np.arange(data.shape[1]), fold)
+            out[:, j] = _interpolate(data[:, train], times[train], times[fold])
+        return out
+
+
+def _interpolate(data: np.ndarray, times: np.ndarray, at: float) -> np.ndarray:
+    order = np.argsort(times)
+    times, data = times[order], data[:, order]
+    right = int(np.searchsorted(times, at))
+    if right == 0:
+        return data[:, 0].astype(np.float32)
+    if right == len(times):
+        return data[:, -1].astype(np.float32)
+    left = right - 1
+    w = (at - times[left]) / (times[right] - times[left])
+    return ((1 - w) * data[:, left] + w * data[:, right]).astype(np.float32)
+
+
+class CallableModel(FoldModel):
+    """Wrap ``f(train_data, train_meta, test_meta) -> (n_voxels,)`` as a model."""
+
+    def __init__(self, function: Callable):
+        self.function = function
+
+    def fit(self, data, **meta):
+        self._data, self._meta = data, meta
+
+    def predict(self, **meta):
+        return np.asarray(self.function(self._data, self._meta, meta), dtype=np.float32)
+
+    def __repr__(self):
+        return f"CallableModel({getattr(self.function, '__name__', self.function)!r})"
+
+
+MODELS: dict[str, Callable[[], Model]] = {
+    "average": AverageModel,
+    "mean": AverageModel,
+    "median": lambda: AverageModel(stat="median"),
+    "b0": B0Model,
+    "dti": DTIModel,
+    "pet": TemporalModel,
+    "temporal": TemporalModel,
+}
+
+
+def get_model(spec) -> Model:
+    """A model from a name in :data:`MODELS`, an instance, or a plain function."""
+    if isinstance(spec, str):
+        try:
+            return MODELS[spec.lower()]()
+        except KeyError:
+            known = ", ".join(sorted(MODELS))
+            raise InputError(f"unknown model {spec!r} (known: {known})") from None
+    if hasattr(spec, "fit") and hasattr(spec, "predict"):
+        return spec
+    if callable(spec):
+        return CallableModel(spec)
+    raise InputError(f"a model must be a name, a fit/predict object or a function, got {spec!r}")
+
+
+def predict_folds(model, data: np.ndarray, meta: dict, folds) -> np.ndarray:
+    """Every fold's prediction for a voxel block, by the model's fastest route."""
+    if hasattr(model, "predict_folds"):
+        return np.asarray(model.predict_folds(data, meta, folds), dtype=np.float32)
+    return predict_folds_by_fitting(model, data, meta, folds)
+
+
+__all__ = [
+    "AverageModel",
+    "B0Model",
+    "CallableModel",
+    "DTIModel",
+    "MODELS",
+    "Model",
+    "TemporalModel",
+    "get_model",
+    "predict_folds",
+]
