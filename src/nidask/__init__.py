@@ -13,6 +13,7 @@ from .cache import Cache
 from .dataset import BaseDataset
 from .dmri import DWI
 from .errors import InputError, NidaskError, OutputError
+from .estimator import Estimator
 from .loading import load
 from .pet import PET
 
@@ -22,6 +23,7 @@ __all__ = [
     "BaseDataset",
     "Cache",
     "DWI",
+    "Estimator",
     "InputError",
     "NidaskError",
     "OutputError",

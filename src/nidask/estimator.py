@@ -18,9 +18,8 @@ Reference frame
 ---------------
 Matrices follow DESIGN.md (reference RAS -> moving RAS).  The reference is
 ``reference="model"``: the frame of the model's predictions (the average position
-of the series); ``"bzero"`` (DWI): the frame of the b=0 reference, found by
-registering it to the motion-corrected average with mutual information; or an
-integer ``k``: the frame of volume ``k`` (whose matrix becomes the identity).
+of the series), or an integer ``k``: the frame of volume ``k`` (whose matrix
+becomes the identity).
 """
 
 from __future__ import annotations
@@ -50,7 +49,7 @@ from .lofo import (
 from .models import get_model
 from .pet import PET
 from .progress import compute
-from .registration import RigidRegistration, get_registration
+from .registration import get_registration
 from .sources import read_npy_header
 
 RUN_FILE = "run.json"
@@ -142,7 +141,7 @@ class Estimator:
     passes : int
         Estimation passes; later ones fit the model on data corrected by the
         previous estimates (sharper predictions).
-    reference : "model", "bzero" or int
+    reference : "model" or int
         Frame of the returned matrices (see the module docstring).
     resample_order : int
         Interpolation order used to correct training data between passes.
@@ -259,7 +258,7 @@ class Estimator:
                     order,
                     matrices,
                 )
-            matrices = self._to_reference(dataset, matrices, workdir, raw, mask, registration)
+            matrices = self._to_reference(dataset, matrices)
         return attrs.evolve(dataset, motion_affines=matrices)
 
     def _step(self, path: str, produce) -> str:
@@ -323,42 +322,15 @@ class Estimator:
         compute(*tasks, label=f"pass {p}: registering {len(todo)} folds", progress=self.progress)
         return np.stack([np.load(r) for r in records])
 
-    def _to_reference(self, dataset, matrices, workdir, raw, mask, registration):
+    def _to_reference(self, dataset, matrices):
         reference = self.reference
         if isinstance(reference, str) and reference == "model":
             return matrices
-        if isinstance(reference, int | np.integer):
+        if isinstance(reference, int | np.integer) and not isinstance(reference, bool):
             if not -len(dataset) <= reference < len(dataset):
                 raise InputError(f"reference volume {reference} out of range")
             return matrices @ np.linalg.inv(matrices[reference])
-        if reference == "bzero":
-            if not isinstance(dataset, DWI) or dataset.bzero is None:
-                raise InputError("reference='bzero' needs a DWI with a bzero volume")
-            template = self._template(dataset, matrices, workdir, mask)
-            bzero = np.asarray(dask.compute(dataset.bzero)[0], dtype=np.float32)
-            base = (
-                registration
-                if isinstance(registration, RigidRegistration)
-                else RigidRegistration()
-            )
-            to_bzero = attrs_replace(base, metric="mi")(template, bzero, dataset.affine, mask=mask)
-            return matrices @ np.linalg.inv(to_bzero)
-        raise InputError(
-            f"unknown reference {reference!r} (use 'model', 'bzero' or a volume index)"
-        )
-
-    def _template(self, dataset, matrices, workdir, mask) -> np.ndarray:
-        corrected = attrs.evolve(dataset, motion_affines=matrices).resampled(
-            order=self.resample_order
-        )
-        return np.asarray(corrected.dataobj.mean(axis=-1).compute(), dtype=np.float32)
-
-
-def attrs_replace(instance, **changes):
-    """A copy of a dataclass registration with ``changes``."""
-    import dataclasses
-
-    return dataclasses.replace(instance, **changes)
+        raise InputError(f"unknown reference {reference!r} (use 'model' or a volume index)")
 
 
 def clear_run(workdir) -> None:

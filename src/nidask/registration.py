@@ -397,6 +397,9 @@ class RigidRegistration:
         Offset each sample point by a seeded uniform random sub-voxel amount.
     seed : int
         Seed of the point subsampling (``max_samples``) and of the jitter.
+    search : float
+        For ``metric="mi"``: half-width of the search box around the start, in
+        optimiser units (mm, or mm at ``radius`` for rotations).
     """
 
     metric: str = "ncc"
@@ -410,6 +413,7 @@ class RigidRegistration:
     maxiter: int = 200
     jitter: bool = True
     seed: int = 0
+    search: float = 10.0
 
     def __post_init__(self) -> None:
         # accept lists (e.g. from a config file); keep instances hashable
@@ -464,10 +468,14 @@ class RigidRegistration:
                 )
             else:
                 fun = _MICost(level, inv_aff, center, scale, self.bins)
+                # MI rewards moving structure out of the sampled region, so the
+                # derivative-free search is kept within a plausible head motion
+                start = params / scale
                 res = optimize.minimize(
                     fun,
-                    params / scale,
+                    start,
                     method="Powell",
+                    bounds=[(x - self.search, x + self.search) for x in start],
                     options={"maxiter": self.maxiter, "xtol": 1e-3, "ftol": 1e-9},
                 )
             # L-BFGS-B may also stop on a line-search failure at the kinks of the
