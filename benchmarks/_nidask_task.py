@@ -14,9 +14,10 @@ Tasks (each prints exactly one JSON line on stdout):
     resampled_to_nifti  ``from_nii``, ``set_transform`` for every DW volume, ``to_nifti``
 
 Every line carries ``task``, ``wall_s`` (the work only: open + operation, imports
-excluded), ``maxrss_mb`` (peak RSS of this process, ``ru_maxrss``) and ``baseline_mb``
-(``ru_maxrss`` right after the imports, before any work), as
-``benchmarks/peer_nifreeze.py`` does for nifreeze.  Dask runs on the threaded
+excluded), ``maxrss_mb`` (peak RSS of this process) and ``baseline_mb`` (peak RSS right
+after the imports, before any work), as ``benchmarks/peer_nifreeze.py`` does for
+nifreeze.  Peak RSS is ``VmHWM`` (see :func:`_maxrss_mb`): a child's ``ru_maxrss``
+starts at its parent's peak on Linux.  Dask runs on the threaded
 scheduler with ``--workers`` threads; the chunk budget is ``nidask.chunk-size``.
 """
 
@@ -40,8 +41,23 @@ TASKS = (
 
 
 def _maxrss_mb() -> float:
-    # Linux reports ru_maxrss in KiB.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak RSS of this process in MiB: ``VmHWM`` of /proc/self/status.
+
+    ``ru_maxrss`` is not used on Linux: the kernel carries the parent's peak RSS
+    over fork + exec into the child's ``ru_maxrss``, so a child started by a large
+    parent reports the parent's peak.  ``VmHWM`` belongs to the address space that
+    exec creates, so it starts from zero.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    # elsewhere ru_maxrss is the best there is (KiB on Linux, bytes on macOS)
+    scale = 2**20 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def _import_nidask() -> None:

@@ -19,7 +19,7 @@ Tasks (each prints exactly one JSON line on stdout; warnings go to stderr):
     read_h5             load an NFDH5 file with nifreeze's ``from_filename`` and summarise it
 
 Every JSON line carries ``task``, ``wall_s`` (the work only, imports excluded),
-``maxrss_mb`` (peak RSS of this process at the end) and ``baseline_mb`` (peak RSS
+``maxrss_mb`` (peak RSS of this process at the end, ``VmHWM``) and ``baseline_mb`` (peak RSS
 right after the imports a task needs, before any work).
 """
 
@@ -53,8 +53,23 @@ TASKS = (
 
 
 def _maxrss_mb() -> float:
-    # Linux reports ru_maxrss in KiB.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak RSS of this process in MiB: ``VmHWM`` of /proc/self/status.
+
+    ``ru_maxrss`` is not used on Linux: the kernel carries the parent's peak RSS
+    over fork + exec into the child's ``ru_maxrss``, so a child started by a large
+    parent reports the parent's peak.  ``VmHWM`` belongs to the address space that
+    exec creates, so it starts from zero.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    # elsewhere ru_maxrss is the best there is (KiB on Linux, bytes on macOS)
+    scale = 2**20 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def _import_for(task: str) -> None:

@@ -98,6 +98,8 @@ class Cache:
 def _check_destination(path: str, inputs: Iterable[str]) -> None:
     directory = os.path.dirname(path) or "."
     if not os.path.isdir(directory):
+        if os.path.exists(directory):
+            raise OutputError("output directory is not a directory", directory)
         raise OutputError("output directory does not exist", directory)
     if not os.access(directory, os.W_OK | os.X_OK):
         raise OutputError("output directory is not writable", directory)

@@ -236,10 +236,21 @@ class BaseDataset:
         """Record the 4x4 motion matrix of volume ``index``; touches no data.
 
         Other volumes keep their matrix (identity if never set).
+
+        Raises
+        ------
+        InputError
+            If ``index`` is not an integer within range, or the matrix is not a
+            finite, invertible 4x4 affine.  Nothing is recorded then.
         """
         from .resample import check_matrix
 
-        position = normalize_index(index, len(self))[0][0]
+        if isinstance(index, bool | np.bool_) or not isinstance(index, int | np.integer):
+            raise InputError(f"volume index must be an integer, got {index!r}")
+        try:
+            position = normalize_index(index, len(self))[0][0]
+        except IndexError as exc:
+            raise InputError(str(exc)) from None
         matrix = check_matrix(matrix, name=f"transform of volume {index}")
         if self.motion_affines is None:
             self.motion_affines = np.tile(np.eye(4), (len(self), 1, 1))

@@ -274,7 +274,9 @@ def from_nii(
             f"found {keep.size}",
             source.path,
         )
-    inputs = [source.path]
+    # the gradient files too: a .bval/.bvec written beside an output must not replace them
+    gradient_files = (gradients_file,) if gradients_file is not None else (bvec_file, bval_file)
+    inputs = [source.path, *(os.path.abspath(f) for f in gradient_files)]
     if b0_file is not None:
         b0_source = open_source(b0_file, cache=cache)
         if b0_source.shape[:3] != source.shape[:3] or b0_source.shape[3] != 1:

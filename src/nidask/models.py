@@ -216,11 +216,21 @@ class DTIModel(FoldModel):
 
 
 class TemporalModel(FoldModel):
-    """PET: linear interpolation in time between the neighbouring frames.
+    """PET: a per-voxel polynomial in time, fitted by least squares.
 
-    The left-out frame is predicted at its mid-frame time from the two training
-    frames around it (the nearest one at either end of the series).
+    Each voxel's time-activity curve is fitted with a polynomial of ``degree`` in
+    normalised mid-frame time over the training frames and evaluated at the
+    left-out frame's mid-frame time.  Pooling every frame (rather than the two
+    neighbours) keeps one frame's error from passing straight to the next.
+    ``degree=None`` interpolates linearly between the neighbouring frames instead.
     """
+
+    def __init__(self, degree: int | None = 3):
+        self.degree = degree
+
+    def _basis(self, times: np.ndarray, span: tuple[float, float]) -> np.ndarray:
+        scaled = (np.asarray(times, dtype=float) - span[0]) / max(span[1] - span[0], 1e-9)
+        return np.vander(2 * scaled - 1, self.degree + 1, increasing=True)
 
     def fit(self, data, **meta):
         if "midframe" not in meta:
@@ -228,17 +238,31 @@ class TemporalModel(FoldModel):
         self._data, self._times = data, np.asarray(meta["midframe"], dtype=float)
 
     def predict(self, **meta):
-        return _interpolate(self._data, self._times, float(meta["midframe"]))
+        at = float(meta["midframe"])
+        if self.degree is None:
+            return _interpolate(self._data, self._times, at)
+        span = (min(self._times.min(), at), max(self._times.max(), at))
+        weights = np.linalg.pinv(self._basis(self._times, span)).T @ self._basis([at], span)[0]
+        return (self._data @ weights).astype(np.float32)
 
     def predict_folds(self, data, meta, folds):
         if "midframe" not in meta:
             raise InputError("the pet model needs frame timing (midframe)")
         times = np.asarray(meta["midframe"], dtype=float)
+        span = (times.min(), times.max())
         out = np.empty((data.shape[0], len(folds)), dtype=np.float32)
         for j, fold in enumerate(folds):
             train = np.delete(np.arange(data.shape[1]), fold)
-            out[:, j] = _interpolate(data[:, train], times[train], times[fold])
+            if self.degree is None:
+                out[:, j] = _interpolate(data[:, train], times[train], times[fold])
+                continue
+            basis = self._basis(times, span)
+            weights = np.linalg.pinv(basis[train]).T @ basis[fold]
+            out[:, j] = data[:, train] @ weights
         return out
+
+    def __repr__(self):
+        return f"TemporalModel(degree={self.degree})"
 
 
 def _interpolate(data: np.ndarray, times: np.ndarray, at: float) -> np.ndarray:

@@ -22,7 +22,7 @@ from .errors import InputError
 from .pet import PET
 from .progress import compute
 from .sources import HDF5Source, check_readable
-from .store import HDF5Target, store
+from .store import HDF5Target, reserve, store
 
 FORMATS = {"NFDH5", "EMC/PET"}
 VERSIONS = {1, 2}
@@ -93,6 +93,15 @@ def read_nfdh5(filename, *, cache: Cache | None = None) -> BaseDataset:
     data = source.to_dask()
     try:
         if cls is DWI and "gradients" in fields:
+            # the file may still hold its b=0 volumes: per-volume fields must match
+            # the file's volumes before b=0 removal selects from them
+            for name in ("motion_affines", "original_index"):
+                if name in fields and len(np.atleast_1d(fields[name])) != data.shape[3]:
+                    raise InputError(
+                        f"{name} has {len(np.atleast_1d(fields[name]))} entries "
+                        f"but dataobj has {data.shape[3]} volumes",
+                        path,
+                    )
             keep, bzero = split_b0(data, np.asarray(fields["gradients"], dtype=float))
             if keep.size < len(fields["gradients"]):
                 # positions in the file, so original_index still points at the source
@@ -139,6 +148,11 @@ def write_nfdh5(
     fields.update(zip(lazy, compute(*lazy.values()), strict=True))
     filters = {"compression": compression, "compression_opts": compression_opts}
     with atomic_output(filename, dataset.inputs) as temp:
+        if compression is None:
+            # HDF5 cannot recover from a full disk mid-write (h5py crashes closing the
+            # file): check that the data fit before HDF5 writes anything
+            metadata = sum(np.asarray(v).nbytes for v in fields.values())
+            reserve(temp, dataset.dataobj.nbytes + metadata)
         with h5py.File(temp, "w") as f:
             f.attrs["Format"] = "EMC/PET" if isinstance(dataset, PET) else "NFDH5"
             f.attrs["Version"] = np.uint16(1)

@@ -18,6 +18,7 @@ import nibabel as nb
 import numpy as np
 from scipy import ndimage
 
+from .evaluation import motion_errors  # noqa: F401  (nidask.phantom.motion_errors)
 from .registration import rigid_matrix
 from .resample import resample_volume
 

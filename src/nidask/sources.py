@@ -24,11 +24,25 @@ import h5py
 import nibabel as nb
 import numpy as np
 from dask.base import tokenize
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError, HeaderTypeError, ImageDataError
 
 from .config import volume_chunks, volumes_per_chunk
 from .errors import InputError
 
 COPY_BLOCK = 16 * 2**20
+#: What nibabel and the file system raise on a damaged file (reported as InputError).
+FILE_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    OverflowError,
+    zlib.error,
+    ImageFileError,
+    HeaderDataError,
+    HeaderTypeError,
+    ImageDataError,
+)
 
 
 def check_readable(path: str | os.PathLike) -> str:
@@ -82,7 +96,7 @@ class VolumeSource:
             return np.asarray(self.read(index), dtype=self.dtype)
         except InputError:
             raise
-        except (OSError, EOFError, ValueError, zlib.error) as exc:
+        except FILE_ERRORS as exc:
             raise InputError(f"cannot read data: {exc}", self.path) from exc
 
     def read(self, index: tuple[slice, slice, slice, slice]) -> np.ndarray:
@@ -135,7 +149,7 @@ class VolumeSource:
 def _load_nifti(path: str):
     try:
         img = nb.load(path, mmap=False, keep_file_open=False)
-    except (nb.filebasedimages.ImageFileError, OSError, EOFError, ValueError) as exc:
+    except FILE_ERRORS as exc:
         raise InputError(f"not a readable NIfTI file ({exc})", path) from exc
     if not isinstance(img, nb.Nifti1Image | nb.Nifti2Image):
         raise InputError(f"not a NIfTI-1/2 image ({type(img).__name__})", path)

@@ -105,6 +105,17 @@ def presize(path: str, nbytes: int) -> None:
                 raise
 
 
+def reserve(path: str, nbytes: int) -> None:
+    """Create ``path`` with ``nbytes`` allocated: fail now if they will not fit on disk.
+
+    For writers (HDF5) that cannot recover from a full disk part-way through.
+    The space is only checked, not kept: the writer may truncate the file.
+    """
+    with open(path, "wb"):
+        pass
+    presize(path, nbytes)
+
+
 def store(array: da.Array, target, *, label: str = "writing", progress=None) -> None:
     """Compute ``array`` block by block into ``target`` on the current scheduler."""
     stored = da.store(array, target, lock=False, compute=False)
@@ -146,6 +157,7 @@ __all__ = [
     "open_memmap",
     "presize",
     "pwrite_all",
+    "reserve",
     "store",
     "write_npy",
 ]
