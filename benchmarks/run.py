@@ -147,6 +147,9 @@ def run_child(cmd: list[str], env: dict, repeat: int = 1) -> dict:
     best = None
     walls, rss = [], []
     for _ in range(max(1, repeat)):
+        # flush dirty pages left by earlier runs, so writeback throttling of one
+        # measurement's output does not land on the next one's clock
+        os.sync()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode != 0 or not lines:

@@ -54,3 +54,36 @@ napoleon_use_ivar = True
 html_theme = "furo" if importlib.util.find_spec("furo") else "alabaster"
 html_title = f"nidask {release}"
 html_static_path: list[str] = []
+
+
+# -- short cross-references ----------------------------------------------------------
+# Docstrings refer to their neighbours by short names (:func:`find_shells`,
+# :meth:`BaseDataset.materialize`).  The public classes are documented under their
+# ``nidask.`` names, so Python's lookup from the documenting module can miss them.
+# Resolve such a reference when exactly one documented nidask object ends with it.
+def _resolve_short_reference(app, env, node, contnode):
+    if node.get("refdomain") != "py":
+        return None
+    target = node.get("reftarget", "").lstrip(".~")
+    if not target or target.startswith("nidask."):
+        return None
+    domain = env.get_domain("py")
+    suffix = "." + target
+    matches = {
+        name
+        for name, entry in domain.objects.items()
+        if name.startswith("nidask.") and name.endswith(suffix) and not entry.aliased
+    }
+    if len(matches) != 1:
+        return None
+    name = matches.pop()
+    from sphinx.util.nodes import make_refnode
+
+    entry = domain.objects[name]
+    return make_refnode(
+        app.builder, node["refdoc"], entry.docname, entry.node_id, contnode, name
+    )
+
+
+def setup(app):
+    app.connect("missing-reference", _resolve_short_reference)

@@ -57,9 +57,7 @@ def kernel_env(tmp_path_factory):
     spec_dir.mkdir(parents=True)
     # the kernel imports the nidask these tests import (the source tree or the install)
     package_root = str(Path(nidask.__file__).resolve().parents[1])
-    pythonpath = os.pathsep.join(
-        p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p
-    )
+    pythonpath = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
     spec = {
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "nidask tests",

@@ -119,6 +119,18 @@ def temporary_name(path: str) -> str:
     return os.path.join(directory, f".{name}{TEMP_MARK}{uuid.uuid4().hex[:12]}")
 
 
+def final_name(path: str) -> str:
+    """The file name a :func:`temporary_name` stands for (for messages).
+
+    >>> final_name(temporary_name("/data/out.nii.gz"))
+    'out.nii.gz'
+    """
+    name = os.path.basename(path)
+    if name.startswith(".") and TEMP_MARK in name:
+        return name[1 : name.rindex(TEMP_MARK)]
+    return name
+
+
 def _describe(exc: OSError) -> str:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return "disk full while writing"

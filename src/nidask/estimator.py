@@ -216,6 +216,8 @@ class Estimator:
             raise InputError(f"passes must be at least 1, got {self.passes}")
         if len(dataset) < 3:
             raise InputError(f"leave-one-out needs at least 3 volumes, got {len(dataset)}")
+        order = fold_order(len(dataset), self.order, self.seed, getattr(dataset, "bvals", None))
+        self._to_reference(dataset, np.tile(np.eye(4), (len(dataset), 1, 1)))
         workdir = self._prepare(dataset, workdir)
         scheduler = (
             dask.config.set(scheduler=client) if client is not None else contextlib.nullcontext()
@@ -240,9 +242,6 @@ class Estimator:
                 voxel_meta["bzero"] = self._step(
                     os.path.join(workdir, "bzero.npy"), lambda p: write_vector(p, bzero)
                 )
-            order = fold_order(
-                len(dataset), self.order, self.seed, getattr(dataset, "bvals", None)
-            )
             matrices = None
             for p in range(1, self.passes + 1):
                 matrices = self._pass(

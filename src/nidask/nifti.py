@@ -21,7 +21,7 @@ import dask.array as da
 import nibabel as nb
 import numpy as np
 
-from .cache import atomic_output
+from .cache import atomic_output, final_name
 from .store import VolumeFileTarget, _check_whole_volumes, presize, store
 
 HEADER_BYTES = 352
@@ -124,13 +124,13 @@ def write_nifti_file(
             f.write(head)
         presize(path, HEADER_BYTES + math.prod(array.shape) * dtype.itemsize)
         target = VolumeFileTarget(path, HEADER_BYTES, array.shape, dtype)
-        store(array, target, label=f"writing {os.path.basename(path)}", progress=progress)
+        store(array, target, label=f"writing {final_name(path)}", progress=progress)
         return
     members = path + ".members"
     os.mkdir(members)
     try:
         target = GzipMemberTarget(members, array.shape, dtype)
-        store(array, target, label=f"compressing {os.path.basename(path)}", progress=progress)
+        store(array, target, label=f"compressing {final_name(path)}", progress=progress)
         with open(path, "wb") as out:
             out.write(zlib.compress(head, COMPRESS_LEVEL, wbits=31))
             for member in target.members():

@@ -240,9 +240,7 @@ def plot_mosaic(
     matplotlib.figure.Figure
     """
     if len(before) != len(after) or tuple(before.shape3d) != tuple(after.shape3d):
-        raise InputError(
-            f"before {before.shape} and after {after.shape} datasets do not match"
-        )
+        raise InputError(f"before {before.shape} and after {after.shape} datasets do not match")
     positions = _positions(volumes, len(before))
     depth = before.shape3d[2]
     z = depth // 2 if slice_index is None else int(slice_index)
@@ -253,9 +251,7 @@ def plot_mosaic(
     vmax = float(np.percentile(finite, 99.5)) if finite.size else 1.0
     vmax = vmax if vmax > 0 else 1.0
     mask = before.brainmask if contour else None
-    figure = _new_figure(
-        figsize=(2.2 * len(positions) + 0.8, 4.8), layout="constrained"
-    )
+    figure = _new_figure(figsize=(2.2 * len(positions) + 0.8, 4.8), layout="constrained")
     axes = np.atleast_2d(figure.subplots(2, len(positions), squeeze=False))
     original = getattr(before, "original_index", None)
     for r, (row, label) in enumerate(zip(rows, labels, strict=True)):

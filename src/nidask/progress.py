@@ -3,13 +3,16 @@
 Local schedulers get :class:`dask.diagnostics.ProgressBar`; under an active
 ``distributed.Client`` (where that bar shows nothing) ``distributed.progress``
 is used instead.  ``progress=None`` follows the ``nidask.progress`` config key
-(default off, so library calls stay quiet).
+(default off, so library calls stay quiet).  When stderr is neither a terminal nor
+a notebook (a log file, a batch job's output) the bars, which redraw with carriage
+returns, are replaced by one line per computation with its duration.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
+import time
 
 import dask
 
@@ -26,6 +29,18 @@ def active_client():
         return default_client()
     except ValueError:
         return None
+
+
+def interactive(stream) -> bool:
+    """Whether ``stream`` shows redrawn progress bars: a terminal or a notebook."""
+    if stream is None:
+        return False
+    if type(stream).__module__.split(".")[0] == "ipykernel":
+        return True
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
 
 
 def compute(*collections, label: str = "computing", progress: bool | None = None):
@@ -45,6 +60,16 @@ def compute(*collections, label: str = "computing", progress: bool | None = None
     if not progress:
         return dask.compute(*collections)
     client = active_client()
+    if not interactive(sys.stderr):
+        start = time.perf_counter()
+        if client is not None:
+            futures = client.compute(list(collections))
+            results = tuple(f.result() for f in futures)
+        else:
+            results = dask.compute(*collections)
+        if sys.stderr is not None:
+            print(f"{label}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        return results
     if client is not None:
         from distributed import progress as distributed_progress
 

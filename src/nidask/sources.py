@@ -198,19 +198,28 @@ class NiftiSource(VolumeSource):
         self._set_shape(img.shape)
         self.affine = check_affine(img.affine, self.path)
         self.header = img.header
+        # like the scaling, nibabel moves vox_offset from the header to the proxy
+        self.data_offset = int(img.dataobj.offset)
+        if img.header["magic"] in (b"n+1", b"n+2"):
+            minimum = type(img.header).single_vox_offset
+            if self.data_offset < minimum:
+                raise InputError(
+                    f"vox_offset {self.data_offset} points into the header "
+                    f"(at least {minimum} in a single-file NIfTI)",
+                    self.path,
+                )
         self.scaling = nifti_scaling(img)
-        self.dtype = (
-            np.dtype("float32") if self.scaling else img.get_data_dtype().newbyteorder("=")
-        )
-        if self.dtype.kind == "c" or self.dtype.fields is not None:
-            raise InputError(f"unsupported NIfTI data type {self.dtype}", self.path)
+        on_disk = img.get_data_dtype()
+        if on_disk.kind == "c" or on_disk.fields is not None:
+            # checked on the stored type: scaling would declare float32 and drop the rest
+            raise InputError(f"unsupported NIfTI data type {on_disk}", self.path)
+        self.dtype = np.dtype("float32") if self.scaling else on_disk.newbyteorder("=")
         self.data_path = data_path or self.path
         if data_path is None:
             self._check_size(self.path)
 
     def _check_size(self, data_path: str) -> None:
-        offset = int(self.header.get_data_offset())
-        expected = offset + math.prod(self.shape) * self.header.get_data_dtype().itemsize
+        expected = self.data_offset + math.prod(self.shape) * self.header.get_data_dtype().itemsize
         actual = os.path.getsize(data_path)
         if actual < expected:
             raise InputError(

@@ -1,0 +1,47 @@
+"""The documentation builds with Sphinx without a single warning (``-W``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import nidask
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+for module in ("sphinx", "myst_parser"):
+    pytest.importorskip(module, reason="docs tools not installed (pip install '.[docs]')")
+
+
+@pytest.mark.timeout(600)
+def test_docs_build_without_warnings(tmp_path):
+    env = dict(os.environ)
+    # autodoc imports the nidask these tests import (the source tree or the install)
+    package_root = str(Path(nidask.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    command = [
+        sys.executable,
+        "-m",
+        "sphinx",
+        "-W",  # warnings are errors
+        "--keep-going",  # report all of them
+        "-b",
+        "html",
+        "-d",
+        str(tmp_path / "doctrees"),
+        str(DOCS),
+        str(tmp_path / "html"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=580)
+    assert result.returncode == 0, f"sphinx failed:\n{result.stdout[-4000:]}\n{result.stderr}"
+    html = tmp_path / "html"
+    for page in ("index", "installation", "concepts", "cluster", "api", "notebooks"):
+        assert (html / f"{page}.html").is_file(), page
+    api = (html / "api.html").read_text(encoding="utf-8")
+    # the API reference really was generated from the docstrings
+    for name in ("nidask.load", "nidask.Estimator.run", "nidask.dmri.from_nii"):
+        assert f'id="{name}"' in api, name

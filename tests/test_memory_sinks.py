@@ -1,0 +1,127 @@
+"""Sinks stream: peak memory of materialize/to_filename/to_nifti follows the chunk budget.
+
+Each sink runs in a child process on a ~600 MB int16 series with a 32 MiB chunk
+budget; the child reports its peak RSS (``ru_maxrss``, which also counts mapped
+file pages) above a baseline taken after the imports.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import subprocess
+import sys
+
+import h5py
+import nibabel as nb
+import numpy as np
+import pytest
+
+import nidask
+from nidask.phantom import write_series
+
+SHAPE = (128, 128, 64, 300)  # 2 MiB per volume, 600 MiB of int16
+VOLUME_BYTES = math.prod(SHAPE[:3]) * 2
+SERIES_BYTES = math.prod(SHAPE) * 2
+CHUNK = 32 * 2**20
+#: generous: a block read, its copy on the way to disk and a block per thread
+LIMIT = 8 * CHUNK
+#: where the nidask under test was imported from (src/ or site-packages)
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(nidask.__file__)))
+
+CHILD = r"""
+import json, os, resource, sys
+import dask, h5py, nibabel, numpy as np
+import nidask
+
+def peak_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+sink, source, output, caches = sys.argv[1:5]
+baseline = peak_bytes()
+with dask.config.set({"nidask.chunk-size": "32MiB", "nidask.cache-dir": caches}):
+    ds = nidask.load(source)
+    blocks = ds.dataobj.numblocks[3]
+    if sink == "materialize":
+        ds.materialize(path=output)
+    elif sink == "materialize-cache":
+        m = ds.materialize()
+        os.link(m.memmap_path, output)  # keep the bytes for the parent to check
+    elif sink == "to_filename":
+        ds.to_filename(output)
+    else:
+        ds.to_nifti(output)
+    peak = peak_bytes()
+    ds.close()
+print(json.dumps({"baseline": baseline, "peak": peak, "blocks": blocks}))
+"""
+
+
+@pytest.fixture(scope="module")
+def big_series(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("memory_sinks")
+    path = write_series(directory / "big.nii", SHAPE, "int16")
+    yield path
+    os.unlink(path)  # do not leave 600 MB in pytest's kept temp directories
+
+
+def _volume(path, sink: str, k: int) -> np.ndarray:
+    if sink.startswith("materialize"):
+        return np.array(np.load(path, mmap_mode="r")[..., k])
+    if sink == "to_filename":
+        with h5py.File(path, "r") as f:
+            return f["0/dataobj"][..., k]
+    if sink == "nii":
+        return np.asanyarray(nb.load(path).dataobj[..., k])
+    with gzip.open(path, "rb") as f:  # early volumes only: gzip seeks by decompressing
+        f.seek(352 + k * VOLUME_BYTES)
+        raw = f.read(VOLUME_BYTES)
+    return np.frombuffer(raw, dtype=np.int16).reshape(SHAPE[:3], order="F")
+
+
+@pytest.mark.parametrize(
+    ("sink", "name"),
+    [
+        ("materialize", "out.npy"),
+        ("materialize-cache", "cached.npy"),
+        ("to_filename", "out.h5"),
+        ("nii", "out.nii"),
+        ("nii.gz", "out.nii.gz"),
+    ],
+)
+def test_sink_peak_memory_follows_chunk_budget(sink, name, big_series, tmp_path):
+    output = tmp_path / name
+    caches = tmp_path / "caches"
+    caches.mkdir()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [PACKAGE_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", CHILD, sink, big_series, os.fspath(output), caches],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        assert report["blocks"] == math.ceil(SHAPE[3] / (CHUNK // VOLUME_BYTES))
+        # the output holds the series (write_series: volume k is volume 0 plus k)
+        first = _volume(output, sink, 0).astype(np.int64)
+        for k in (1, 17, 40 if sink == "nii.gz" else SHAPE[3] - 1):
+            assert np.array_equal(_volume(output, sink, k) - first, np.full(SHAPE[:3], k))
+        if sink != "nii.gz":
+            assert os.path.getsize(output) >= SERIES_BYTES
+    finally:
+        if output.exists():
+            os.unlink(output)
+    assert os.listdir(caches) == []
+    growth = report["peak"] - report["baseline"]
+    print(f"{sink}: peak {growth / 2**20:.0f} MiB above baseline", file=sys.stderr)
+    assert growth < LIMIT, (growth, report)
+    assert growth < 0.5 * SERIES_BYTES, (growth, report)
