@@ -80,9 +80,7 @@ def _resolve_short_reference(app, env, node, contnode):
     from sphinx.util.nodes import make_refnode
 
     entry = domain.objects[name]
-    return make_refnode(
-        app.builder, node["refdoc"], entry.docname, entry.node_id, contnode, name
-    )
+    return make_refnode(app.builder, node["refdoc"], entry.docname, entry.node_id, contnode, name)
 
 
 def setup(app):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +18,19 @@ for module in ("sphinx", "myst_parser"):
     pytest.importorskip(module, reason="docs tools not installed (pip install '.[docs]')")
 
 
+def _pythonpath(current: str | None) -> str:
+    """``PYTHONPATH`` for a child interpreter that imports the nidask imported here."""
+    root = str(Path(nidask.__file__).resolve().parents[1])
+    installed = {str(Path(p).resolve()) for p in site.getsitepackages()}
+    parts = [] if root in installed else [root]
+    return os.pathsep.join([*parts, *([current] if current else [])])
+
+
 @pytest.mark.timeout(600)
 def test_docs_build_without_warnings(tmp_path):
     env = dict(os.environ)
     # autodoc imports the nidask these tests import (the source tree or the install)
-    package_root = str(Path(nidask.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = _pythonpath(env.get("PYTHONPATH"))
     command = [
         sys.executable,
         "-m",

@@ -153,3 +153,15 @@ def test_estimator_options_are_checked(small_dwi):
         Estimator(passes=1, reference="bzero").run(dwi)
     with pytest.raises(nidask.InputError, match="unknown fold order"):
         Estimator(passes=1, order="zigzag").run(dwi)
+
+
+def test_sweep_predicts_every_fold_without_copies(small_dwi, tmp_path):
+    _, dwi = small_dwi
+    predictions = Estimator(model="average").sweep(dwi, workdir=tmp_path / "sweep")
+    assert isinstance(predictions, np.memmap) and predictions.shape[1] == len(dwi)
+    mask = np.load(tmp_path / "sweep" / "mask.npy")
+    grown = nidask.estimator.grow_mask(mask)
+    data = dwi.dataobj.compute().astype(np.float64)
+    data = data.reshape(-1, len(dwi), order="F")[nidask.lofo.mask_index(grown)]
+    expected = (data.sum(1, keepdims=True) - data) / (len(dwi) - 1)  # one shell
+    np.testing.assert_allclose(predictions, expected, rtol=1e-5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import site
 import sys
 from pathlib import Path
 
@@ -49,6 +50,14 @@ EXPECTED = {
 }
 
 
+def _pythonpath(current: str | None) -> str:
+    """``PYTHONPATH`` for a child interpreter that imports the nidask imported here."""
+    root = str(Path(nidask.__file__).resolve().parents[1])
+    installed = {str(Path(p).resolve()) for p in site.getsitepackages()}
+    parts = [] if root in installed else [root]
+    return os.pathsep.join([*parts, *([current] if current else [])])
+
+
 @pytest.fixture(scope="module")
 def kernel_env(tmp_path_factory):
     """A kernelspec for the running interpreter, found through ``JUPYTER_PATH``."""
@@ -56,8 +65,7 @@ def kernel_env(tmp_path_factory):
     spec_dir = root / "kernels" / KERNEL
     spec_dir.mkdir(parents=True)
     # the kernel imports the nidask these tests import (the source tree or the install)
-    package_root = str(Path(nidask.__file__).resolve().parents[1])
-    pythonpath = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
+    pythonpath = _pythonpath(os.environ.get("PYTHONPATH"))
     spec = {
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "nidask tests",

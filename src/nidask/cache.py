@@ -8,14 +8,24 @@ worker (pickling) only *borrows* the directory and never removes it.
 
 :func:`atomic_output` writes a user-named file under a temporary name in its
 destination directory and renames it into place only once it is complete.
+
+Both carry their writer's identity in their names — ``nidask-cache-<pid>-<host>-...``
+and ``.<name>.nidask-tmp-<pid>-<host>-...`` — so what a killed process left behind
+can be told from what a live one is using: :func:`reclaim` removes the cache
+directories, :func:`remove_stale_temporaries` the temporary outputs, of processes of
+this host that no longer run.  The first cache a process creates under a root
+reclaims that root (one directory listing).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import hashlib
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 import weakref
@@ -31,6 +41,124 @@ TEMP_MARK = ".nidask-tmp-"
 
 def _remove_tree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+@functools.cache
+def host_tag() -> str:
+    """Eight hex digits naming this host in cache and temporary names.
+
+    A pid only identifies a process on its own host: on a scratch directory shared
+    by several nodes, names of other hosts are never judged (nor removed).
+    """
+    return hashlib.blake2s(socket.gethostname().encode(), digest_size=4).hexdigest()
+
+
+def owner_tag(pid: int | None = None) -> str:
+    """``<pid>-<host>``: the writer part of cache and temporary names."""
+    return f"{os.getpid() if pid is None else pid}-{host_tag()}"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (a zombie does not; unknown counts as alive)."""
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    try:  # exited but not yet reaped by its parent: state Z (or X)
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def _writer_gone(owner: str) -> bool:
+    """Whether ``owner`` (``<pid>-<host>-...``) names a process of this host that has ended."""
+    pid, _, rest = owner.partition("-")
+    host = rest.partition("-")[0]
+    return pid.isdigit() and host == host_tag() and not process_alive(int(pid))
+
+
+def reclaim(root: str | os.PathLike | None = None) -> list[str]:
+    """Remove the cache directories that processes of this host left behind.
+
+    A directory ``nidask-cache-<pid>-<host>-*`` under ``root`` is removed when
+    ``<host>`` is this host and process ``<pid>`` no longer runs (killed, crashed,
+    or ended without running its exit handlers).  Caches of live processes, of
+    other hosts and of unknown owners are left alone, so this is safe to call while
+    other nidask processes use the same root.
+
+    Parameters
+    ----------
+    root : path-like, optional
+        The cache root; default ``nidask.cache-dir`` (or the system temp dir).
+
+    Returns
+    -------
+    list of str
+        The directories removed.
+    """
+    root = os.fspath(root) if root is not None else cache_root()
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        path = os.path.join(root, name)
+        if not name.startswith(CACHE_PREFIX) or not _writer_gone(name[len(CACHE_PREFIX) :]):
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            _remove_tree(path)
+            if not os.path.exists(path):
+                removed.append(path)
+    return removed
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
+    """Remove temporary outputs whose writer (a process of this host) has ended.
+
+    An atomic write that is killed leaves its ``.<name>.nidask-tmp-<pid>-<host>-*``
+    file (or directory) beside the output it never completed.  Only such names
+    whose process no longer runs are removed; a write in progress is left alone.
+
+    Parameters
+    ----------
+    directory : path-like
+        An output directory (not searched recursively).
+
+    Returns
+    -------
+    list of str
+        The paths removed.
+    """
+    directory = os.fspath(directory)
+    removed = []
+    for name in os.listdir(directory):
+        if TEMP_MARK not in name:
+            continue
+        if not _writer_gone(name[name.rindex(TEMP_MARK) + len(TEMP_MARK) :]):
+            continue
+        path = os.path.join(directory, name)
+        _discard([path])
+        if not os.path.lexists(path):
+            removed.append(path)
+    return removed
+
+
+_RECLAIMED_ROOTS: set[str] = set()
+
+
+def _reclaim_once(root: str) -> None:
+    """:func:`reclaim` ``root`` the first time this process creates a cache there."""
+    key = os.path.abspath(root)
+    if key not in _RECLAIMED_ROOTS:
+        _RECLAIMED_ROOTS.add(key)
+        reclaim(key)
 
 
 class Cache:
@@ -55,7 +183,8 @@ class Cache:
             root = self._root or cache_root()
             try:
                 os.makedirs(root, exist_ok=True)
-                self._path = tempfile.mkdtemp(prefix=f"{CACHE_PREFIX}{os.getpid()}-", dir=root)
+                _reclaim_once(root)
+                self._path = tempfile.mkdtemp(prefix=f"{CACHE_PREFIX}{owner_tag()}-", dir=root)
             except OSError as exc:
                 raise OutputError(
                     f"cannot create a cache directory: {exc.strerror}", root
@@ -114,9 +243,13 @@ def _check_destination(path: str, inputs: Iterable[str]) -> None:
 
 
 def temporary_name(path: str) -> str:
-    """A hidden temporary name beside ``path`` (same directory, so rename is atomic)."""
+    """A hidden temporary name beside ``path`` (same directory, so rename is atomic).
+
+    ``.<name>.nidask-tmp-<pid>-<host>-<random>``: the writer's identity lets
+    :func:`remove_stale_temporaries` tell a killed write from one in progress.
+    """
     directory, name = os.path.split(path)
-    return os.path.join(directory, f".{name}{TEMP_MARK}{uuid.uuid4().hex[:12]}")
+    return os.path.join(directory, f".{name}{TEMP_MARK}{owner_tag()}-{uuid.uuid4().hex[:12]}")
 
 
 def final_name(path: str) -> str:

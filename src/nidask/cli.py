@@ -22,7 +22,6 @@ import signal
 import sys
 import time
 import traceback
-import uuid
 
 import numpy as np
 
@@ -212,10 +211,9 @@ def scheduler(name: str, workers: int | None):
 @contextlib.contextmanager
 def atomic_directory(final: str):
     """Fill a temporary directory beside ``final`` and rename it into place on success."""
-    from .cache import TEMP_MARK
+    from .cache import temporary_name
 
-    parent, name = os.path.split(os.path.abspath(final))
-    temp = os.path.join(parent, f".{name}{TEMP_MARK}{uuid.uuid4().hex[:12]}")
+    temp = temporary_name(os.path.abspath(final))
     os.mkdir(temp)
     try:
         yield temp

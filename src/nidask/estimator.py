@@ -121,6 +121,23 @@ def default_mask(volumes: str, shape3d, fraction: float = 0.05) -> np.ndarray:
     return mean > fraction * np.percentile(mean, 99)
 
 
+@attrs.frozen
+class _Run:
+    """Files of one run directory shared by every pass."""
+
+    workdir: str
+    raw: str
+    mask: np.ndarray
+    mask_path: str
+    voxel_meta: dict
+
+
+def _scheduler(client):
+    if client is None:
+        return contextlib.nullcontext()
+    return dask.config.set(scheduler=client)
+
+
 @attrs.define
 class Estimator:
     """Leave-one-volume-out motion estimation.
@@ -214,51 +231,61 @@ class Estimator:
         registration = get_registration(self.registration)
         if self.passes < 1:
             raise InputError(f"passes must be at least 1, got {self.passes}")
+        order = self._check(dataset)
+        with _scheduler(client):
+            run = self._setup(dataset, workdir)
+            matrices = None
+            for p in range(1, self.passes + 1):
+                model = models[min(p, len(models)) - 1]
+                predictions = self._predict(dataset, run, p, model, matrices)
+                matrices = self._register(dataset, run, p, predictions, registration, order)
+            matrices = self._to_reference(dataset, matrices)
+        return attrs.evolve(dataset, motion_affines=matrices)
+
+    def sweep(self, dataset, client=None, workdir=None) -> np.memmap:
+        """Every fold's prediction by the (first) model, without registration.
+
+        A full leave-one-out sweep: the series is materialized and laid out
+        voxel-major once, then the model predicts each left-out volume.
+
+        Returns
+        -------
+        np.memmap (n_voxels, N)
+            Column ``i`` is the prediction of volume ``i`` over the voxels of the
+            (grown) mask saved as ``mask.npy`` in the run directory.
+        """
+        self._check(dataset)
+        with _scheduler(client):
+            run = self._setup(dataset, workdir)
+            return np.load(self._predict(dataset, run, 1, self._models()[0], None), mmap_mode="r")
+
+    def _check(self, dataset) -> np.ndarray:
         if len(dataset) < 3:
             raise InputError(f"leave-one-out needs at least 3 volumes, got {len(dataset)}")
         order = fold_order(len(dataset), self.order, self.seed, getattr(dataset, "bvals", None))
         self._to_reference(dataset, np.tile(np.eye(4), (len(dataset), 1, 1)))
+        return order
+
+    def _setup(self, dataset, workdir) -> _Run:
         workdir = self._prepare(dataset, workdir)
-        scheduler = (
-            dask.config.set(scheduler=client) if client is not None else contextlib.nullcontext()
+        raw = self._step(
+            os.path.join(workdir, "data.npy"),
+            lambda p: dataset.materialize(p, progress=self.progress),
         )
-        with scheduler:
-            raw = self._step(
-                os.path.join(workdir, "data.npy"),
-                lambda p: dataset.materialize(p, progress=self.progress),
+        mask_path = os.path.join(workdir, "mask.npy")
+        if not os.path.exists(mask_path):
+            mask = dataset.brainmask
+            if mask is None:
+                mask = default_mask(raw, dataset.shape3d)
+            _save_atomic(mask_path, np.asarray(mask, dtype=bool))
+        mask = np.load(mask_path)
+        voxel_meta = {}
+        if isinstance(dataset, DWI) and dataset.bzero is not None:
+            bzero = np.asarray(dask.compute(dataset.bzero)[0])[grow_mask(mask)]
+            voxel_meta["bzero"] = self._step(
+                os.path.join(workdir, "bzero.npy"), lambda p: write_vector(p, bzero)
             )
-            mask = (
-                dataset.brainmask
-                if dataset.brainmask is not None
-                else default_mask(raw, dataset.shape3d)
-            )
-            mask_path = os.path.join(workdir, "mask.npy")
-            if not os.path.exists(mask_path):
-                _save_atomic(mask_path, np.asarray(mask, dtype=bool))
-            mask = np.load(mask_path)
-            voxel_meta = {}
-            if isinstance(dataset, DWI) and dataset.bzero is not None:
-                bzero = np.asarray(dask.compute(dataset.bzero)[0])[grow_mask(mask)]
-                voxel_meta["bzero"] = self._step(
-                    os.path.join(workdir, "bzero.npy"), lambda p: write_vector(p, bzero)
-                )
-            matrices = None
-            for p in range(1, self.passes + 1):
-                matrices = self._pass(
-                    dataset,
-                    p,
-                    workdir,
-                    raw,
-                    mask,
-                    mask_path,
-                    models[min(p, len(models)) - 1],
-                    registration,
-                    voxel_meta,
-                    order,
-                    matrices,
-                )
-            matrices = self._to_reference(dataset, matrices)
-        return attrs.evolve(dataset, motion_affines=matrices)
+        return _Run(workdir, raw, mask, mask_path, voxel_meta)
 
     def _step(self, path: str, produce) -> str:
         """Run ``produce(temp)`` unless ``path`` exists; rename on success."""
@@ -267,23 +294,11 @@ class Estimator:
                 produce(temp)
         return path
 
-    def _pass(
-        self,
-        dataset,
-        p,
-        workdir,
-        raw,
-        mask,
-        mask_path,
-        model,
-        registration,
-        voxel_meta,
-        order,
-        previous,
-    ):
-        folder = os.path.join(workdir, f"pass-{p}")
+    def _predict(self, dataset, run: _Run, p: int, model, previous) -> str:
+        """Pass ``p``'s fold predictions (training data corrected by ``previous``)."""
+        folder = os.path.join(run.workdir, f"pass-{p}")
         os.makedirs(folder, exist_ok=True)
-        training = raw
+        training = run.raw
         if previous is not None:
             corrected = attrs.evolve(dataset, motion_affines=previous).resampled(
                 order=self.resample_order
@@ -294,27 +309,24 @@ class Estimator:
             )
         voxels = self._step(
             os.path.join(folder, "voxels.npy"),
-            lambda t: write_voxel_major(training, grow_mask(mask), t, progress=self.progress),
+            lambda t: write_voxel_major(training, grow_mask(run.mask), t, progress=self.progress),
         )
         meta = _volume_meta(dataset)
-        predictions = self._step(
+        return self._step(
             os.path.join(folder, "predictions.npy"),
             lambda t: sweep_predictions(
-                voxels, model, meta, t, voxel_meta=voxel_meta, progress=self.progress
+                voxels, model, meta, t, voxel_meta=run.voxel_meta, progress=self.progress
             ),
         )
+
+    def _register(self, dataset, run: _Run, p: int, predictions: str, registration, order):
+        """Register every fold not yet recorded in pass ``p``; return all matrices."""
+        folder = os.path.join(run.workdir, f"pass-{p}")
         records = [os.path.join(folder, f"fold-{i:05d}.npy") for i in range(len(dataset))]
-        todo = [i for i in order if not os.path.exists(records[i])]
+        todo = [int(i) for i in order if not os.path.exists(records[i])]
         tasks = [
             dask.delayed(register_fold, pure=False)(
-                raw,
-                predictions,
-                mask_path,
-                int(i),
-                dataset.affine,
-                registration,
-                records[i],
-                None,
+                run.raw, predictions, run.mask_path, i, dataset.affine, registration, records[i]
             )
             for i in todo
         ]

@@ -17,7 +17,7 @@ import numpy as np
 
 from .cache import Cache, atomic_output
 from .dataset import BaseDataset, take_volumes
-from .dmri import DWI, split_b0
+from .dmri import DWI, normalize_gradients, split_b0
 from .errors import InputError
 from .pet import PET
 from .progress import compute
@@ -93,6 +93,14 @@ def read_nfdh5(filename, *, cache: Cache | None = None) -> BaseDataset:
     data = source.to_dask()
     try:
         if cls is DWI and "gradients" in fields:
+            # (N, 4), finite, non-negative b: b=0 volumes are found from it below
+            fields["gradients"] = normalize_gradients(fields["gradients"], path)
+            if len(fields["gradients"]) != data.shape[3]:
+                raise InputError(
+                    f"gradients has {len(fields['gradients'])} entries "
+                    f"but dataobj has {data.shape[3]} volumes",
+                    path,
+                )
             # the file may still hold its b=0 volumes: per-volume fields must match
             # the file's volumes before b=0 removal selects from them
             for name in ("motion_affines", "original_index"):
@@ -102,7 +110,9 @@ def read_nfdh5(filename, *, cache: Cache | None = None) -> BaseDataset:
                         f"but dataobj has {data.shape[3]} volumes",
                         path,
                     )
-            keep, bzero = split_b0(data, np.asarray(fields["gradients"], dtype=float))
+            keep, bzero = split_b0(data, fields["gradients"])
+            if keep.size == 0:
+                raise InputError("no diffusion-weighted volumes (all are b=0)", path)
             if keep.size < len(fields["gradients"]):
                 # positions in the file, so original_index still points at the source
                 fields.setdefault("original_index", np.arange(data.shape[3]))

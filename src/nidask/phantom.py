@@ -217,14 +217,17 @@ def make_pet(
     starts = np.cumsum(np.concatenate([[0.0], np.linspace(30, 300, n_frames - 1)]))
     durations = np.append(np.diff(starts), np.diff(starts)[-1])
     mid = starts + durations / 2
-    k_in, k_out = rng.uniform(0.5, 1.5, 5), rng.uniform(1e-3, 5e-3, 5)
-    k_in[0] = 0.05
+    # each region: a perfusion-like baseline (every frame has anatomy) plus a
+    # tracer uptake curve of its own
+    baseline = np.array([0.0, 0.5, 0.35, 0.25, 0.3])
+    k_in, k_out = rng.uniform(0.3, 0.8, 5), rng.uniform(1e-3, 5e-3, 5)
+    k_in[0] = 0.0
     centre = affine[:3, :3] @ ((np.array(shape3d) - 1) / 2) + affine[:3, 3]
     motion = np.tile(np.eye(4), (n_frames, 1, 1))
     motion[1:] = random_motion(n_frames - 1, rng, max_mm, max_deg, centre)
     volumes = []
     for i, t in enumerate(mid):
-        activity = k_in * (1 - np.exp(-k_out * t)) + 0.1
+        activity = baseline + k_in * (1 - np.exp(-k_out * t))
         truth = ndimage.gaussian_filter(activity[labels], 1.0)
         moved = _move(truth, affine, motion[i]) if i else truth
         volumes.append(np.maximum(moved + rng.normal(0, noise, shape3d), 0))

@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import gzip
 import math
+import operator
 import os
 import shutil
 import zlib
@@ -300,11 +301,15 @@ class HDF5Source(VolumeSource):
                     raise InputError(f"{key!r} is not an HDF5 dataset", self.path)
                 shape, dtype = dset.shape, dset.dtype
                 if volume_axis is None:
-                    volume_axis = int(dset.attrs.get("volume_axis", -1))
+                    volume_axis = dset.attrs.get("volume_axis", -1)
         except OSError as exc:
             raise InputError(f"not a readable HDF5 file ({exc})", self.path) from exc
         if dtype.kind not in "biuf":
             raise InputError(f"dataset {key!r} has unsupported dtype {dtype}", self.path)
+        try:
+            volume_axis = operator.index(np.asarray(volume_axis).item())
+        except (TypeError, ValueError):
+            raise InputError(f"invalid volume_axis {volume_axis!r} for {key!r}", self.path) from None
         self.dtype = np.dtype(dtype).newbyteorder("=")
         self.volume_major = volume_axis == 0 and len(shape) == 4
         if volume_axis not in (0, -1, len(shape) - 1):

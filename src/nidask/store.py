@@ -85,10 +85,24 @@ class HDF5Target:
         self.key = key
 
     def __setitem__(self, key, value) -> None:
+        value = np.asarray(value)
         with open(self.path, "rb") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             with h5py.File(self.path, "r+", locking=False) as f:
-                f[self.key][key] = value
+                dset = f[self.key]
+                per_volume = (
+                    isinstance(key, tuple)
+                    and len(key) == dset.ndim == value.ndim
+                    and isinstance(key[-1], slice)
+                )
+                if not per_volume:
+                    dset[key] = value
+                    return
+                # one write per volume (last axis): HDF5 copies a volume into its chunk
+                # in one piece, but gathers a block of volumes element by element
+                positions = range(*key[-1].indices(dset.shape[-1]))
+                for j, position in enumerate(positions):
+                    dset[(*key[:-1], position)] = value[..., j]
 
     def __repr__(self) -> str:
         return f"HDF5Target({self.path!r}, {self.key!r})"
