@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -145,12 +146,15 @@ def run_child(cmd: list[str], env: dict, repeat: int = 1) -> dict:
     so one broken measurement does not lose the others.
     """
     best = None
-    walls, rss = [], []
+    walls, rss, cpus, loads = [], [], [], []
     for _ in range(max(1, repeat)):
         # flush dirty pages left by earlier runs, so writeback throttling of one
         # measurement's output does not land on the next one's clock
         os.sync()
+        loads.append(round(os.getloadavg()[0], 2))
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode != 0 or not lines:
             tail = "\n".join(proc.stderr.strip().splitlines()[-6:])
@@ -158,9 +162,14 @@ def run_child(cmd: list[str], env: dict, repeat: int = 1) -> dict:
         record = json.loads(lines[-1])
         walls.append(record["wall_s"])
         rss.append(max(record["maxrss_mb"] - record["baseline_mb"], 0.0))
+        # CPU time of the whole child (imports included): robust to a busy machine
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        cpus.append(round(cpu, 3))
+        record["cpu_s"] = round(cpu, 3)
         if best is None or record["wall_s"] < best["wall_s"]:
             best = record
     best["walls"], best["rss_above_baseline_mb"] = walls, rss
+    best["cpu_s_runs"], best["loadavg_at_start"] = cpus, loads
     return best
 
 
@@ -236,6 +245,7 @@ class Context:
             row["error"] = record["error"]
         else:
             row["wall_s"] = record["wall_s"]
+            row["cpu_s"] = record.get("cpu_s")
             row["rss_mb"] = max(record["rss_above_baseline_mb"])
             row["record"] = record
             nbytes = record.get("bytes")
@@ -559,6 +569,7 @@ TABLE_COLUMNS = (
     "task",
     "tool",
     "wall s",
+    "CPU s",
     "RSS above baseline MB",
     "time / nifreeze",
     "RSS / nifreeze",
@@ -581,6 +592,7 @@ def markdown_table(rows: list[dict]) -> str:
             row["task"],
             row["tool"],
             _fmt(row.get("wall_s"), ".2f"),
+            _fmt(row.get("cpu_s"), ".1f"),
             _fmt(row.get("rss_mb"), ".0f"),
             _fmt(row.get("time_vs_nifreeze"), ".3f", "x"),
             _fmt(row.get("rss_vs_nifreeze"), ".3f", "x"),
@@ -724,6 +736,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeat": args.repeat,
         "seed": args.seed,
         "workdir": str(work),
+        "loadavg_at_start": [round(v, 2) for v in os.getloadavg()],
     }
     try:
         if args.sizes:
@@ -753,13 +766,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     results["meta"]["total_s"] = round(time.perf_counter() - started, 1)
+    results["meta"]["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
 
     m = results["meta"]
     print(
         f"\nnidask benchmarks {m['date']} - {m['machine']['cores']} cores, "
-        f"shape {m['shape']}, b0 {m['b0']}, chunk {m['chunk_size']}, workers {m['workers']}\n"
+        f"shape {m['shape']}, b0 {m['b0']}, chunk {m['chunk_size']}, workers {m['workers']}, "
+        f"load average {m['loadavg_at_start'][0]} -> {m['loadavg_at_end'][0]}\n"
     )
     print(markdown_table(results["rows"]))
     if results["targets"]:

@@ -14,10 +14,9 @@ import time
 import h5py
 import nibabel as nb
 import numpy as np
-import pytest
-from conftest import N_B0, N_DIRECTIONS, N_FRAMES, SHAPE3D
 
 import nidask
+from conftest import N_B0, N_DIRECTIONS, N_FRAMES, SHAPE3D
 from nidask import cli, sources
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
@@ -82,7 +81,7 @@ def test_help_everywhere(capsys):
 
 
 # -- info ---------------------------------------------------------------------------------
-def test_info_dwi_nifti(dwi_phantom):
+def test_info_dwi_nifti(dwi_phantom, capsys):
     result = nidask_cli("info", dwi_phantom.image, *dwi_args(dwi_phantom), "--json")
     assert result.returncode == 0, result.stderr
     facts = json.loads(result.stdout)
@@ -101,7 +100,8 @@ def test_info_dwi_nifti(dwi_phantom):
     mask = np.asanyarray(nb.load(dwi_phantom.companions["brainmask_file"]).dataobj) > 0
     assert facts["mask_voxels"] == int(mask.sum())
     # the human-readable form says the same
-    text = nidask_cli("info", dwi_phantom.image, *dwi_args(dwi_phantom)).stdout
+    assert cli.main(["info", dwi_phantom.image, *dwi_args(dwi_phantom)]) == 0
+    text = capsys.readouterr().out
     assert re.search(r"b-values\s+b=0: 2, b=1000: 8", text), text
     assert re.search(r"chunks\s+8 volume\(s\) per chunk, 1 chunk\(s\)", text), text
     assert re.search(r"shape\s+16 x 18 x 12 x 8 volumes \(10 in the file\)", text), text
@@ -132,8 +132,19 @@ def test_info_reads_no_data(dwi_phantom, tmp_path, monkeypatch, capsys):
     assert facts["format"] == "NFDH5 v1" and facts["hdf5_chunks"] == [*SHAPE3D, 1]
     assert facts["type"] == "DWI" and facts["bytes_on_disk"] == os.path.getsize(h5)
     monkeypatch.setattr(sources.NiftiSource, "read", refuse)
-    assert cli.main(["info", dwi_phantom.image, "--bvec", dwi_phantom.companions["bvec_file"],
-                     "--bval", dwi_phantom.companions["bval_file"]]) == 0  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "info",
+                dwi_phantom.image,
+                "--bvec",
+                dwi_phantom.companions["bvec_file"],
+                "--bval",
+                dwi_phantom.companions["bval_file"],
+            ]
+        )
+        == 0
+    )
     assert "b=1000: 8" in capsys.readouterr().out
 
 
@@ -173,8 +184,15 @@ def test_progress_bar_in_a_terminal(pet_phantom, tmp_path):
     controller, terminal = pty.openpty()
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "nidask", "convert", pet_phantom.image, tmp_path / "p.h5",
-             *pet_args(pet_phantom)],  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "nidask",
+                "convert",
+                pet_phantom.image,
+                tmp_path / "p.h5",
+                *pet_args(pet_phantom),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=terminal,
             env=_env(),
@@ -198,13 +216,26 @@ def test_progress_bar_in_a_terminal(pet_phantom, tmp_path):
 # -- estimate -----------------------------------------------------------------------------
 def test_estimate_interrupted_then_resumed(dwi_phantom, tmp_path):
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "nidask", "estimate", dwi_phantom.image,
-               *dwi_args(dwi_phantom), "--out", out, "--model", "average", "--quiet"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "nidask",
+        "estimate",
+        dwi_phantom.image,
+        *dwi_args(dwi_phantom),
+        "--out",
+        out,
+        "--model",
+        "average",
+        "--passes",
+        "1",
+        "--quiet",
+    ]
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
     )
     deadline = time.monotonic() + 60
-    while not (out / "work" / "pass-1").exists() and time.monotonic() < deadline:
+    while not (out / "work" / "run.json").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
@@ -226,8 +257,15 @@ def test_estimate_interrupted_then_resumed(dwi_phantom, tmp_path):
     assert np.loadtxt(out / "corrected.bvec").shape == (3, n)
     rows = (out / "motion.tsv").read_text().splitlines()
     assert rows[0].split("\t") == [
-        "volume", "tx_mm", "ty_mm", "tz_mm", "rx_deg", "ry_deg", "rz_deg", "fd_mm"
-    ]  # fmt: skip
+        "volume",
+        "tx_mm",
+        "ty_mm",
+        "tz_mm",
+        "rx_deg",
+        "ry_deg",
+        "rz_deg",
+        "fd_mm",
+    ]
     table = np.array([r.split("\t") for r in rows[1:]], dtype=float)
     assert table.shape == (n, 8)
     assert table[:, 0].tolist() == list(range(N_B0, N_B0 + n))  # indices in the file
@@ -252,7 +290,7 @@ def test_estimate_interrupted_then_resumed(dwi_phantom, tmp_path):
 
 
 # -- demo ---------------------------------------------------------------------------------
-def test_demo_small(tmp_path):
+def test_demo_small(tmp_path, capsys):
     out = tmp_path / "demo"
     result = nidask_cli("demo", "--size", "small", "--quiet", "--out", out, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -277,9 +315,9 @@ def test_demo_small(tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("keep me")
-    refused = nidask_cli("demo", "--size", "small", "--out", foreign)
-    assert refused.returncode == 2
-    assert_one_error_line(refused, foreign, "not a nidask demo directory")
+    assert cli.main(["demo", "--size", "small", "--out", str(foreign)]) == 2
+    refused = capsys.readouterr()
+    assert refused.err.startswith(f"nidask: error: {foreign}: exists and is not a nidask demo")
     assert (foreign / "thesis.tex").read_text() == "keep me"
 
 
@@ -291,24 +329,34 @@ def test_missing_file_is_one_line_and_exit_1(tmp_path):
     assert_one_error_line(result, f"{missing}: file not found")
 
 
-def test_bad_usage_is_exit_2(dwi_phantom, tmp_path):
+def test_bad_usage_is_exit_2(dwi_phantom, tmp_path, capsys):
     result = nidask_cli("info", dwi_phantom.image, "--frobnicate")
     assert result.returncode == 2
     assert_one_error_line(result, "unrecognized arguments: --frobnicate")
-    result = nidask_cli("convert", dwi_phantom.image, tmp_path / "out.txt")
-    assert result.returncode == 2
-    assert_one_error_line(result, "out.txt", "unknown output format")
-    result = nidask_cli("info", dwi_phantom.image, "--bvec", dwi_phantom.companions["bvec_file"])
-    assert result.returncode == 2
-    assert_one_error_line(result, "--bvec and --bval")
-    assert nidask_cli().returncode == 2
+    for args, message in [
+        (["convert", dwi_phantom.image, str(tmp_path / "out.txt")], "unknown output format"),
+        (["info", dwi_phantom.image, "--bvec", dwi_phantom.image], "--bvec and --bval go"),
+        (["estimate", dwi_phantom.image], "the following arguments are required: --out"),
+        (["estimate", dwi_phantom.image, "--out", str(tmp_path), "--passes", "0"], "positive"),
+        ([], "the following arguments are required: COMMAND"),
+    ]:
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("nidask: error: ") and message in err and err.count("\n") == 1
+    assert not list(tmp_path.iterdir())
 
 
 def test_failures_name_the_file_and_debug_shows_the_traceback(dwi_phantom, tmp_path):
     bad_bval = tmp_path / "bad.bval"
     bad_bval.write_text("0 0 1000\n")
-    args = ["info", dwi_phantom.image, "--bvec", dwi_phantom.companions["bvec_file"],
-            "--bval", bad_bval]  # fmt: skip
+    args = [
+        "info",
+        dwi_phantom.image,
+        "--bvec",
+        dwi_phantom.companions["bvec_file"],
+        "--bval",
+        bad_bval,
+    ]
     result = nidask_cli(*args)
     assert result.returncode == 1
     assert_one_error_line(result, dwi_phantom.companions["bvec_file"], "b-values")

@@ -57,9 +57,8 @@ def test_dwi_motion_is_recovered(dwi_motion):
 def test_pet_motion_is_recovered(tmp_path):
     phantom = make_pet(tmp_path, n_frames=20, seed=2)
     pet = nidask.load(phantom.image, **phantom.companions)
-    result = Estimator(model="pet", passes=3, reference=0).run(pet)
+    result = Estimator(model="average", passes=2).run(pet)
     assert isinstance(result, nidask.PET)
-    np.testing.assert_allclose(result.motion_affines[0], np.eye(4), atol=1e-12)
     errors = motion_errors(result.motion_affines, phantom.motion, pet.affine, pet.shape3d)
     print({k: v for k, v in errors.items() if k.endswith(("median", "max"))})
     assert errors["translation_mm_median"] < 0.5

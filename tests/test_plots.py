@@ -40,9 +40,7 @@ def test_plot_motion_draws_the_parameters(dwi_phantom, tmp_path):
         np.testing.assert_allclose(
             rotations[name].get_ydata(), np.degrees(params[:, 3 + k]), atol=1e-9
         )
-    expected_fd = framewise_displacement(
-        affines, center=fov_center(dwi_phantom.affine, shape3d)
-    )
+    expected_fd = framewise_displacement(affines, center=fov_center(dwi_phantom.affine, shape3d))
     np.testing.assert_allclose(fd["estimated"].get_ydata(), expected_fd)
     assert "mm" in figure.axes[0].get_ylabel() and "deg" in figure.axes[1].get_ylabel()
     assert target.read_bytes()[:8] == PNG_MAGIC

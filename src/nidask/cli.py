@@ -507,13 +507,16 @@ def cmd_convert(args) -> int:
     import attrs
 
     from .dmri import DWI
-    from .errors import InputError
+    from .errors import InputError, OutputError
 
     kind = _output_kind(args.output)
     if args.compression and kind != "nfdh5":
         raise UsageError("--compression applies to NFDH5 (.h5) outputs only")
     if kind == "nfdh5" and (args.apply_motion or args.no_b0):
         raise UsageError("--apply-motion and --no-b0 apply to NIfTI outputs only")
+    directory = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(directory):  # fail before any work
+        raise OutputError("output directory does not exist", directory)
     dataset = open_dataset(args.input, args)
     with dataset:
         start = time.perf_counter()

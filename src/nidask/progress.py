@@ -75,7 +75,13 @@ def compute(*collections, label: str = "computing", progress: bool | None = None
 
         futures = client.compute(list(collections))
         print(label, file=sys.stderr)
-        distributed_progress(futures)
+        # the notebook widget needs ipywidgets; fall back to the text bar
+        try:
+            import ipywidgets  # noqa: F401
+
+            distributed_progress(futures)
+        except ImportError:
+            distributed_progress(futures, notebook=False)
         return tuple(f.result() for f in futures)
     from dask.diagnostics import ProgressBar
 

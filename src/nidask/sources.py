@@ -309,7 +309,8 @@ class HDF5Source(VolumeSource):
         try:
             volume_axis = operator.index(np.asarray(volume_axis).item())
         except (TypeError, ValueError):
-            raise InputError(f"invalid volume_axis {volume_axis!r} for {key!r}", self.path) from None
+            problem = f"invalid volume_axis {volume_axis!r} for {key!r}"
+            raise InputError(problem, self.path) from None
         self.dtype = np.dtype(dtype).newbyteorder("=")
         self.volume_major = volume_axis == 0 and len(shape) == 4
         if volume_axis not in (0, -1, len(shape) - 1):

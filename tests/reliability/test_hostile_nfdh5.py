@@ -61,9 +61,9 @@ FIELD_FAULTS = {
     "bzero": [np.ones((1, 1, 1)), np.ones((9, 9, 9, 9))],
 }
 ATTRIBUTE_FAULTS = {
-    "Format": [ABSENT, "nifti", b"NFDH5", 1, np.array(["NFDH5", "x"])],
+    "Format": [ABSENT, "nifti", b"NFDH5", 1, np.array([b"NFDH5", b"x"])],
     "Version": [ABSENT, np.uint16(0), np.uint16(3), "1", 1.5, np.array([1, 2]), -1, b"\xff"],
-    "Type": ["unknown", 7, np.array(["dmri", "pet"])],
+    "Type": ["unknown", 7, np.array([b"dmri", b"pet"])],
     "group Type": [ABSENT, "unknown", 3],
 }
 DATAOBJ_FAULTS = {
@@ -139,7 +139,8 @@ def write_nfdh5_spec(path, spec) -> dict:
             faulty.add(name)
         elif section == "attr":
             target = group_attributes if name == "group Type" else attributes
-            _set_attr(target, "Type" if name.endswith("Type") else name, ATTRIBUTE_FAULTS[name][index])
+            attribute = "Type" if name.endswith("Type") else name
+            _set_attr(target, attribute, ATTRIBUTE_FAULTS[name][index])
             faulty.add(name)
         else:
             dataobj[name] = DATAOBJ_FAULTS[name][index]
@@ -164,10 +165,12 @@ def write_nfdh5_spec(path, spec) -> dict:
         elif dataobj["shape"] is not None:
             root.create_dataset("dataobj", data=np.zeros(dataobj["shape"], dtype=data.dtype))
         elif dataobj["dtype"] is not None:
-            dtype = np.dtype(dataobj["dtype"]) if not isinstance(dataobj["dtype"], np.dtype) else (
-                dataobj["dtype"]
-            )
-            root.create_dataset("dataobj", shape=data.shape, dtype=dtype)
+            dtype = np.dtype(dataobj["dtype"])
+            if dtype.kind in "bc":  # numbers of another kind: stored with their values
+                data = data.astype(dtype)
+                root.create_dataset("dataobj", data=data)
+            else:  # strings, records: no values that could pass for voxels
+                root.create_dataset("dataobj", shape=data.shape, dtype=dtype)
         else:
             stored = np.moveaxis(data, -1, 0) if spec["version"] == 2 else data
             dset = root.create_dataset("dataobj", data=stored)
