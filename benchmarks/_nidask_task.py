@@ -12,6 +12,8 @@ Tasks (each prints exactly one JSON line on stdout):
     to_filename         ``from_nii``, then ``to_filename(OUTDIR/nidask.h5)`` (NFDH5)
     to_nifti            ``from_nii``, then ``to_nifti(OUTDIR/nidask<ext>)`` (no motion)
     resampled_to_nifti  ``from_nii``, ``set_transform`` for every DW volume, ``to_nifti``
+    lofo_sweep          ``from_nii``, ``Estimator(model=--model).sweep`` (every fold's
+                        fit + predict, no registration) in OUTDIR/run
 
 Every line carries ``task``, ``wall_s`` (the work only: open + operation, imports
 excluded), ``maxrss_mb`` (peak RSS of this process) and ``baseline_mb`` (peak RSS right
@@ -37,6 +39,7 @@ TASKS = (
     "to_filename",
     "to_nifti",
     "resampled_to_nifti",
+    "lofo_sweep",
 )
 
 
@@ -74,6 +77,7 @@ def _import_nidask() -> None:
     import scipy.ndimage  # noqa: F401
 
     import nidask  # noqa: F401
+    import nidask.estimator  # noqa: F401
     import nidask.export  # noqa: F401
     import nidask.nfdh5  # noqa: F401
     import nidask.nifti  # noqa: F401
@@ -166,6 +170,23 @@ def task_resampled_to_nifti(args) -> dict:
         }
 
 
+def task_lofo_sweep(args) -> dict:
+    import numpy as np
+
+    import nidask
+
+    with _load(args) as dwi:
+        estimator = nidask.Estimator(model=args.model)
+        predictions = estimator.sweep(dwi, workdir=os.path.join(_outdir(args), "run"))
+        return {
+            "model": args.model,
+            "n_folds": len(dwi),
+            "bytes": _data_bytes(dwi),
+            "pred_shape": list(predictions.shape),
+            "checksum": float(np.sum(predictions, dtype=np.float64)),
+        }
+
+
 # ------------------------------------------------------------------------------ cli
 
 
@@ -183,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--order", type=int, default=3, help="interpolation order (default 3)")
     p.add_argument("--ext", default=".nii", choices=(".nii", ".nii.gz"))
     p.add_argument("--index", type=int, default=0, help="volume for open_one_volume")
+    p.add_argument("--model", default="average", help="Estimator model for lofo_sweep")
     return p
 
 

@@ -56,6 +56,7 @@ RSS_VS_NIFREEZE = 0.15  # nidask peak RSS <= 0.15x nifreeze's on the same work
 THROUGHPUT_VS_COPY = 0.5  # materialize / to_nifti(.nii) >= 50% of a plain copy
 RESAMPLE_SPEEDUP = 5.0  # resampled to_nifti >= 5x faster than nifreeze
 WORKER_SPEEDUP = 1.7  # 2 workers >= 1.7x faster than 1
+LOFO_SPEEDUP = 20.0  # LOFO sweep >= 20x faster than nifreeze's ExpectationModel sweep
 FLAT_TOLERANCE = 0.10  # RSS above baseline the same within 10% for 1 GB and 4 GB
 
 
@@ -410,22 +411,69 @@ def suite_resample(ctx: Context) -> None:
 
 
 def suite_lofo(ctx: Context) -> None:
-    """Issue 5: LOFO sweep of the ``average`` model (stub until the estimator exists).
+    """Issue 5: a full LOFO sweep of the average model, registration excluded.
 
-    When nidask grows a sweep entry point (``nidask.lofo_sweep`` or an ``Estimator``
-    that can skip registration), add a ``lofo_average`` task to ``_nidask_task.py``
-    and compare it here with ``peer_nifreeze.py lofo_average`` (fit + predict for
-    every fold, registration excluded), plus 1 vs 2 workers.
+    nidask: ``Estimator(model=...).sweep`` (materialize once, voxel-major layout once,
+    every fold's fit + predict); nifreeze: ``peer_nifreeze.py lofo_average``
+    (``ExpectationModel.fit_predict(i)`` for every fold, as its ``Estimator.run``
+    does before registering).  One statistic per ``--lofo-stats`` entry (nifreeze's
+    default is the median); 2 workers vs 1.
     """
     import nidask
 
-    entry = getattr(nidask, "lofo_sweep", None)
-    if entry is None:
-        print("lofo: estimator not available yet (no nidask.lofo_sweep); suite skipped")
+    if not hasattr(nidask.Estimator, "sweep"):
+        print("lofo: estimator not available yet (no nidask.Estimator.sweep); suite skipped")
         ctx.notes["lofo"] = "estimator not available yet"
         return
-    print("lofo: nidask.lofo_sweep exists but this suite is not wired up yet; skipped")
-    ctx.notes["lofo"] = "nidask.lofo_sweep found; suite not wired up yet"
+    for stat in ctx.args.lofo_stats:
+        model = {"mean": "average", "median": "median"}[stat]
+        label = f"LOFO sweep, average model ({stat})"
+        out = ctx.outdir(f"lofo-{stat}")
+        many = ctx.args.workers
+        nd = ctx.add_row(
+            "lofo", label, f"nidask ({many} workers)", ctx.nidask("lofo_sweep", out, model=model)
+        )
+        _clean(out)
+        one = ctx.add_row(
+            "lofo",
+            label,
+            "nidask (1 worker)",
+            ctx.nidask("lofo_sweep", ctx.outdir(f"lofo-{stat}"), workers=1, model=model),
+        )
+        _clean(out)
+        nf = None
+        if ctx.peer_python:
+            record = ctx.nifreeze("lofo_average", ctx.outdir(f"lofo-{stat}"), stat=stat)
+            nf = ctx.add_row("lofo", label, "nifreeze", record)
+            _clean(out)
+        for row in (nd, one):
+            if _ok(row):
+                row["note"] = (
+                    "fold throughput " + f"{row['record']['n_folds'] / row['wall_s']:.1f}/s"
+                )
+        if _ok(nd) and _ok(one):
+            speedup = one["wall_s"] / nd["wall_s"]
+            nd["speedup_vs_1_worker"] = speedup
+            ctx.target(
+                5,
+                f"{many} workers >= 1.7x fold throughput of 1: {stat}",
+                f">= {WORKER_SPEEDUP}x",
+                f"{speedup:.2f}x ({one['wall_s']:.1f} s -> {nd['wall_s']:.1f} s)",
+                speedup >= WORKER_SPEEDUP,
+            )
+        if _ok(nd) and _ok(nf):
+            for row in (nd, one):
+                if _ok(row):
+                    row["time_vs_nifreeze"] = _ratio(row["wall_s"], nf["wall_s"])
+                    row["rss_vs_nifreeze"] = _ratio(row["rss_mb"], nf["rss_mb"])
+            speedup = nf["wall_s"] / nd["wall_s"]
+            ctx.target(
+                5,
+                f">= 20x faster than nifreeze: {stat}",
+                f">= {LOFO_SPEEDUP}x",
+                f"{speedup:.1f}x ({nf['wall_s']:.1f} s -> {nd['wall_s']:.1f} s)",
+                speedup >= LOFO_SPEEDUP,
+            )
 
 
 SUITES: dict[str, Callable[[Context], None]] = {
@@ -702,6 +750,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="JSON results (default benchmarks/results/latest[_sizes].json)")
     p.add_argument("--sizes", type=_list, help="flat-memory mode, e.g. 1GB,4GB (nidask only)")
     p.add_argument("--orders", type=lambda t: [int(v) for v in _list(t)], default=[1, 3])
+    p.add_argument(
+        "--lofo-stats", type=_list, default=["mean", "median"], help="average model statistics"
+    )
     p.add_argument("--workers", type=int, default=2, help="dask threads for nidask (default 2)")
     p.add_argument("--repeat", type=int, default=1, help="runs per measurement (fastest kept)")
     p.add_argument("--seed", type=int, default=0)

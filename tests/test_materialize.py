@@ -93,7 +93,8 @@ def test_materialize_to_path_and_mask_indexing(dwi_phantom, tmp_path):
     mask = _data(dwi_phantom.companions["brainmask_file"]) != 0
     path = tmp_path / "series.npy"
     with _chunked():
-        ds = nidask.load(dwi_phantom.image, brainmask_file=dwi_phantom.companions["brainmask_file"])
+        mask_file = dwi_phantom.companions["brainmask_file"]
+        ds = nidask.load(dwi_phantom.image, brainmask_file=mask_file)
     with ds:
         m = ds.materialize(path=path)
         assert m.memmap_path == os.fspath(path)

@@ -254,7 +254,10 @@ def disk_full(tmp_path_factory):
     return {"report": report, "out": out, "caches": caches, "inputs_same": after == before}
 
 
-@pytest.mark.parametrize("case", ["materialize-cache", "materialize", "to_filename", "nii", "nii.gz"])
+DISK_FULL_CASES = ["materialize-cache", "materialize", "to_filename", "nii", "nii.gz"]
+
+
+@pytest.mark.parametrize("case", DISK_FULL_CASES)
 def test_disk_full(case, disk_full):
     entry = disk_full["report"][case]
     assert entry["error"] == "OutputError", entry

@@ -99,6 +99,8 @@ def test_plot_mosaic_reads_only_the_shown_volumes(dwi_phantom, tmp_path, monkeyp
     np.testing.assert_allclose(bottom.get_images()[0].get_array(), resampled.T, rtol=1e-6)
     assert not np.allclose(resampled, dwi.dataobj[:, :, z, 1].compute())
     assert "volume 1" in top.get_title() and "file 3" in top.get_title()
+    # one grey scale per volume, shared by its two rows
+    assert top.get_images()[0].get_clim() == bottom.get_images()[0].get_clim()
     assert target.read_bytes()[:8] == PNG_MAGIC
     dwi.close()
 

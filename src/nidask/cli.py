@@ -92,6 +92,12 @@ def _format_error(exc: BaseException) -> str:
     return " ".join(message.split())  # one line, whatever the message held
 
 
+def _show(path: str) -> str:
+    """``path`` relative to the working directory when below it, else absolute."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
 def _error_line(message: str) -> None:
     _say(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
 
@@ -567,11 +573,6 @@ def cmd_estimate(args) -> int:
         model = _model_for(dataset, args.model)
         if isinstance(args.reference, int) and not -len(dataset) <= args.reference < len(dataset):
             raise UsageError(f"--reference {args.reference}: out of range for {len(dataset)}")
-        try:
-            os.makedirs(out, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create the output directory: {exc.strerror}", out) from exc
-        fresh = not os.path.exists(work)
         estimator = nidask.Estimator(
             model=model,
             order=args.order,
@@ -579,13 +580,20 @@ def cmd_estimate(args) -> int:
             passes=args.passes,
             reference=args.reference,
         )
-        _say(
-            f"estimating {len(dataset)} volumes of {args.input}: model {model}, "
-            f"{args.passes} pass(es), scheduler {args.scheduler}"
-            + (" (resuming)" if not fresh else "")
-        )
-        start = time.perf_counter()
         with scheduler(args.scheduler, args.workers) as client:
+            try:
+                os.makedirs(out, exist_ok=True)
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot create the output directory: {exc.strerror}", out
+                ) from exc
+            fresh = not os.path.exists(work)
+            _say(
+                f"estimating {len(dataset)} volumes of {args.input}: model {model}, "
+                f"{args.passes} pass(es), scheduler {args.scheduler}"
+                + ("" if fresh else " (resuming)")
+            )
+            start = time.perf_counter()
             try:
                 estimated = estimator.run(dataset, client=client, workdir=work)
             except NidaskError as exc:
@@ -594,9 +602,10 @@ def cmd_estimate(args) -> int:
                 if fresh and not isinstance(exc, OSError):
                     shutil.rmtree(work, ignore_errors=True)
                 raise
-            except (KeyboardInterrupt, Terminated):
-                _say(f"interrupted: resume with --resume --out {args.out}", file=sys.stderr)
-                raise
+            except KeyboardInterrupt:
+                raise KeyboardInterrupt(f"{work}: interrupted; continue with --resume") from None
+            except Terminated:
+                raise Terminated(f"{work}: terminated; continue with --resume") from None
             _say(f"estimated in {time.perf_counter() - start:.1f} s: {_motion_summary(estimated)}")
             written = write_outputs(
                 dataset,
@@ -612,8 +621,8 @@ def cmd_estimate(args) -> int:
 
 # -- demo ---------------------------------------------------------------------------------
 DEMO_SIZES = {
-    "small": {"shape3d": (24, 24, 18), "n_directions": 12, "n_frames": 8},
-    "medium": {"shape3d": (40, 40, 30), "n_directions": 30, "n_frames": 16},
+    "small": {"shape3d": (24, 24, 18), "n_directions": 12, "n_frames": 12},
+    "medium": {"shape3d": (40, 40, 30), "n_directions": 30, "n_frames": 20},
 }
 
 
@@ -672,14 +681,14 @@ def _demo_series(kind: str, out: str, size: dict, passes: int, client) -> dict:
     relocate = {k: v.replace(temp, directory) for k, v in truth.companions.items()}
     image = truth.image.replace(temp, directory)
     shape = "x".join(map(str, size["shape3d"]))
-    _say(f"phantom    {os.path.relpath(image)}: {shape} voxels, {what}")
+    _say(f"phantom    {_show(image)}: {shape} voxels, {what}")
     _say("           known motion: up to 3 mm and 3 deg per axis")
     dataset = nidask.load(image, **relocate)
     with dataset:
         _say(f"lazy       {dataset!r}")
         for line in _graph_facts(dataset):
             _say(f"           {line}")
-        model = "average" if kind == "dwi" else "pet"
+        model = "average"
         _say(f"estimate   model {model}, {passes} passes, {len(dataset)} leave-one-out folds")
         t0 = time.perf_counter()
         estimated = nidask.Estimator(model=model, passes=passes).run(dataset, client=client)
@@ -694,7 +703,7 @@ def _demo_series(kind: str, out: str, size: dict, passes: int, client) -> dict:
             true=true @ errors["offset"],
             title=f"{kind.upper()} phantom: ",
         )
-    _say(f"outputs    {', '.join(os.path.join(os.path.relpath(directory), w) for w in written)}")
+    _say(f"outputs    {', '.join(os.path.join(_show(directory), w) for w in written)}")
     _say(
         f"errors     translation median {errors['translation_mm_median']:.2f} mm, "
         f"worst {errors['translation_mm_max']:.2f} mm; rotation median "
@@ -719,7 +728,7 @@ def cmd_demo(args) -> int:
     baseline = _peak_memory()[0]
     _say(
         f"nidask demo ({args.size}): synthetic DWI and PET series with known head motion, "
-        f"written to {os.path.relpath(out)}"
+        f"written to {_show(out)}"
     )
     start = time.perf_counter()
     results = []
@@ -740,7 +749,7 @@ def cmd_demo(args) -> int:
     if children > 0 and args.scheduler == "processes":
         peak += f", worker processes {_bytes(children)}"
     _say(peak)
-    _say(f"total {time.perf_counter() - start:.1f} s; outputs in {os.path.relpath(out)}")
+    _say(f"total {time.perf_counter() - start:.1f} s; outputs in {_show(out)}")
     return 0
 
 
@@ -903,7 +912,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=tuple(DEMO_SIZES),
         default="medium",
         help="phantom size: medium (default, 40x40x30, 30 directions, 16 PET frames) or "
-        "small (24x24x18, 12 directions, 8 frames)",
+        "small (24x24x18, 12 directions, 12 frames)",
     )
     demo.add_argument("--passes", type=_positive_int, default=2, help="estimation passes")
     _scheduler_options(demo)
@@ -940,13 +949,13 @@ def main(argv=None) -> int:
             traceback.print_exc()
         _error_line(str(exc))
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if debug:
             traceback.print_exc()
-        _error_line("interrupted")
+        _error_line(str(exc) or "interrupted")
         return 130
-    except Terminated:
-        _error_line("terminated")
+    except Terminated as exc:
+        _error_line(str(exc) or "terminated")
         return 143
     except Exception as exc:
         from .errors import NidaskError

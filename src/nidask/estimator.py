@@ -35,7 +35,7 @@ import numpy as np
 from dask.base import tokenize
 from scipy import ndimage
 
-from .cache import atomic_output
+from .cache import atomic_output, remove_stale_temporaries
 from .dmri import DWI
 from .errors import InputError
 from .lofo import (
@@ -132,10 +132,19 @@ class _Run:
     voxel_meta: dict
 
 
+@contextlib.contextmanager
 def _scheduler(client):
+    """Compute on ``client`` inside the block.
+
+    Not ``dask.config.set(scheduler=client)``: distributed hands the global config to
+    every process it starts, and with a Client in it a nanny cannot restart a lost
+    worker (the Client does not pickle), so a cluster in this process shrinks for good.
+    """
     if client is None:
-        return contextlib.nullcontext()
-    return dask.config.set(scheduler=client)
+        yield
+        return
+    with client.as_current(), dask.config.set(scheduler=None):
+        yield
 
 
 @attrs.define
@@ -268,6 +277,7 @@ class Estimator:
 
     def _setup(self, dataset, workdir) -> _Run:
         workdir = self._prepare(dataset, workdir)
+        remove_stale_temporaries(workdir)  # of an earlier, killed attempt
         raw = self._step(
             os.path.join(workdir, "data.npy"),
             lambda p: dataset.materialize(p, progress=self.progress),
@@ -331,6 +341,8 @@ class Estimator:
             for i in todo
         ]
         compute(*tasks, label=f"pass {p}: registering {len(todo)} folds", progress=self.progress)
+        # a worker lost mid-write (or a killed earlier attempt) leaves its temporary record
+        remove_stale_temporaries(folder)
         return np.stack([np.load(r) for r in records])
 
     def _to_reference(self, dataset, matrices):

@@ -200,6 +200,12 @@ def _slices(dataset, positions: np.ndarray, z: int) -> np.ndarray:
     return out
 
 
+def _upper(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    top = float(np.percentile(finite, 99.5)) if finite.size else 1.0
+    return top if top > 0 else 1.0
+
+
 def plot_mosaic(
     before,
     after,
@@ -247,9 +253,8 @@ def plot_mosaic(
     if not 0 <= z < depth:
         raise InputError(f"slice index {z} out of range for {depth} slices")
     rows = [_slices(before, positions, z), _slices(after, positions, z)]
-    finite = np.concatenate([r[np.isfinite(r)].ravel() for r in rows])
-    vmax = float(np.percentile(finite, 99.5)) if finite.size else 1.0
-    vmax = vmax if vmax > 0 else 1.0
+    # one grey scale per volume (shared by its two rows): PET frames differ in level
+    vmax = [_upper(np.stack([rows[0][..., c], rows[1][..., c]])) for c in range(len(positions))]
     mask = before.brainmask if contour else None
     figure = _new_figure(figsize=(2.2 * len(positions) + 0.8, 4.8), layout="constrained")
     axes = np.atleast_2d(figure.subplots(2, len(positions), squeeze=False))
@@ -258,7 +263,7 @@ def plot_mosaic(
         for c, position in enumerate(positions):
             ax = axes[r, c]
             # voxel x to the right, y up (anterior up for RAS-like affines)
-            ax.imshow(row[..., c].T, cmap="gray", origin="lower", vmin=0, vmax=vmax)
+            ax.imshow(row[..., c].T, cmap="gray", origin="lower", vmin=0, vmax=vmax[c])
             if mask is not None:
                 ax.contour(mask[:, :, z].T, levels=[0.5], colors="tab:orange", linewidths=0.8)
             ax.set_xticks([])

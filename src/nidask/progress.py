@@ -20,13 +20,13 @@ dask.config.update_defaults({"nidask": {"progress": False}})
 
 
 def active_client():
-    """The current ``distributed.Client`` or ``None``."""
+    """The current ``distributed.Client`` (``as_current`` or the default) or ``None``."""
     try:
-        from distributed import default_client
+        from distributed import Client
     except ImportError:  # pragma: no cover - distributed is a dependency
         return None
     try:
-        return default_client()
+        return Client.current()
     except ValueError:
         return None
 
