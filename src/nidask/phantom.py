@@ -219,8 +219,8 @@ def make_pet(
     mid = starts + durations / 2
     # each region: a perfusion-like baseline (every frame has anatomy) plus a
     # tracer uptake curve of its own
-    baseline = np.array([0.0, 0.5, 0.35, 0.25, 0.3])
-    k_in, k_out = rng.uniform(0.3, 0.8, 5), rng.uniform(1e-3, 5e-3, 5)
+    baseline = np.array([0.0, 1.0, 0.7, 0.5, 0.6])
+    k_in, k_out = rng.uniform(0.2, 0.5, 5), rng.uniform(1e-3, 5e-3, 5)
     k_in[0] = 0.0
     centre = affine[:3, :3] @ ((np.array(shape3d) - 1) / 2) + affine[:3, 3]
     motion = np.tile(np.eye(4), (n_frames, 1, 1))
