@@ -32,6 +32,8 @@ from .config import volume_chunks, volumes_per_chunk
 from .errors import InputError
 
 COPY_BLOCK = 16 * 2**20
+#: Most volumes a series may declare (a header claiming more is damaged or hostile).
+MAX_VOLUMES = 2**20
 #: What nibabel and the file system raise on a damaged file (reported as InputError).
 FILE_ERRORS = (
     OSError,
@@ -117,6 +119,11 @@ class VolumeSource:
             raise InputError(f"expected a 4D series, got shape {shape}", self.path)
         if min(shape) < 1:
             raise InputError(f"empty series, shape {shape}", self.path)
+        if shape[3] > MAX_VOLUMES:
+            # opening costs memory per volume (chunks, original_index): refuse absurd counts
+            raise InputError(
+                f"{shape[3]} volumes declared, more than the {MAX_VOLUMES} supported", self.path
+            )
         self.shape = shape
 
     def to_dask(self, per_chunk: int | None = None) -> da.Array:

@@ -20,6 +20,7 @@ import h5py
 import nibabel as nb
 import numpy as np
 import pytest
+from guards import child_env
 
 import nidask
 from conftest import write_hdf5_series, write_nifti
@@ -85,13 +86,6 @@ def shared_inputs(tmp_path_factory):
     return directory, files, data
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    src = os.path.dirname(os.path.dirname(nidask.__file__))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
-    return env
-
-
 def _wait(predicate, what: str, children, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -116,7 +110,7 @@ def test_processes_share_inputs_and_cache_root(shared_inputs, tmp_path, inputs_u
     children = [
         subprocess.Popen(
             [sys.executable, "-c", CHILD, str(i), json.dumps(files), outdir, cache_root, sync],
-            env=_env(),
+            env=child_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

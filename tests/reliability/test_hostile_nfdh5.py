@@ -16,7 +16,8 @@ import warnings
 import h5py
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from guards import bounded_memory
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import nidask
@@ -70,7 +71,7 @@ DATAOBJ_FAULTS = {
     "shape": [(4, 5), (4, 5, 3, 2, 2), (0, 4, 3, 2), (4, 5, 3, 0), (3, 3, 3, 1, 1)],
     "dtype": ["S4", "complex64", "bool", h5py.string_dtype(), [("a", "i2"), ("b", "f4")]],
     "volume_axis": [1, 5, -3, "x", np.array([0, 0])],
-    "huge": [(2**31, 1, 1, 2), (2**20, 2**20, 2**20, 3)],
+    "huge": [(2**31, 1, 1, 2), (2**20, 2**20, 2**20, 3), (1, 1, 1, 2**31), (2, 2, 2, 2**21)],
     "where": ["group", "absent", "scalar"],
 }
 
@@ -228,13 +229,37 @@ def open_and_check(path, truth) -> None:
         np.testing.assert_array_equal(volume, expected.astype(dataset.dtype))
 
 
+def _spec(kind="base dataset", faults=(), **changes) -> dict:
+    """A valid 3x3x2x4 int16 v1 file description with ``faults``."""
+    spec = {
+        "kind": kind,
+        "version": 1,
+        "shape3d": (3, 3, 2),
+        "n": 4,
+        "dtype": "int16",
+        "b0": False,
+        "with_motion": False,
+        "seed": 0,
+        "truncate": None,
+        "faults": list(faults),
+    }
+    spec.update(changes)
+    return spec
+
+
 @pytest.mark.timeout(240)
 @HOSTILE
 @given(spec=nfdh5_files())
+# each of these once escaped as a foreign exception or an out-of-memory:
+@example(spec=_spec(faults=[("dataobj", "volume_axis", 3)]))  # volume_axis "x"
+@example(spec=_spec(kind="dmri", n=1, b0=True))  # every volume b=0: an empty DWI
+@example(spec=_spec(kind="dmri", faults=[("field", "gradients", 1)]))  # 1D gradients
+@example(spec=_spec(kind="dmri", faults=[("field", "gradients", 2)]))  # (1, 3) gradients
+@example(spec=_spec(faults=[("dataobj", "huge", 2)]))  # 2**31 volumes declared
 def test_hostile_nfdh5_files(tmp_path_factory, spec):
     path = tmp_path_factory.mktemp("hostile") / "dataset.h5"
     truth = write_nfdh5_spec(path, spec)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), bounded_memory():
         warnings.simplefilter("ignore")
         open_and_check(path, truth)
 

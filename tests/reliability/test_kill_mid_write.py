@@ -19,11 +19,19 @@ import textwrap
 import time
 
 import pytest
+from guards import child_env
 
 import nidask
 from conftest import checksum_tree
 from nidask import phantom
-from nidask.cache import CACHE_PREFIX, TEMP_MARK, Cache, reclaim, remove_stale_temporaries
+from nidask.cache import (
+    CACHE_PREFIX,
+    TEMP_MARK,
+    Cache,
+    owner_tag,
+    reclaim,
+    remove_stale_temporaries,
+)
 
 #: 96 x 96 x 64 x 176 int16: 208 MB.
 BIG_SHAPE = (96, 96, 64, 176)
@@ -69,6 +77,7 @@ HOLDER = textwrap.dedent(
     """
 )
 
+_TEXT = {"capture_output": True, "text": True, "check": True}
 OUTPUT_NAMES = {
     "materialize": None,
     "materialize-path": "series.npy",
@@ -76,14 +85,6 @@ OUTPUT_NAMES = {
     "to_nifti-gz": "out.nii.gz",
     "to_filename": "out.h5",
 }
-
-
-def child_env() -> dict:
-    """The environment of a child that imports this very nidask."""
-    env = dict(os.environ)
-    src = os.path.dirname(os.path.dirname(nidask.__file__))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -205,3 +206,25 @@ def test_next_cache_reclaims_a_killed_process(big_series, tmp_path):
         mine.close()
     assert _caches(cache_root) == []
     assert checksum_tree(os.path.dirname(source)) == sums
+
+
+@pytest.mark.timeout(120)
+def test_estimator_removes_temporaries_of_dead_writers(dwi_phantom, tmp_path):
+    """A run directory holding a killed attempt's (or lost worker's) temporaries is cleaned."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], **_TEXT)
+    dead_pid = int(dead.stdout)
+    workdir = tmp_path / "run"
+    (workdir / "pass-1").mkdir(parents=True)
+    stale = [
+        workdir / f".data.npy{TEMP_MARK}{owner_tag(dead_pid)}-0123456789ab",
+        workdir / "pass-1" / f".fold-00003.npy{TEMP_MARK}{owner_tag(dead_pid)}-0123456789ab",
+    ]
+    live = workdir / f".notes.txt{TEMP_MARK}{owner_tag()}-0123456789ab"  # this process's
+    for path in [*stale, live]:
+        path.write_bytes(b"partial")
+    with nidask.load(dwi_phantom.image, **dwi_phantom.companions) as dwi:
+        estimator = nidask.Estimator(model="average", registration="rigid", passes=1)
+        result = estimator.run(dwi, workdir=workdir)
+    assert result.motion_affines.shape == (len(result), 4, 4)
+    assert not any(path.exists() for path in stale)
+    assert live.exists()
