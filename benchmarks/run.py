@@ -446,19 +446,24 @@ def suite_lofo(ctx: Context) -> None:
             record = ctx.nifreeze("lofo_average", ctx.outdir(f"lofo-{stat}"), stat=stat)
             nf = ctx.add_row("lofo", label, "nifreeze", record)
             _clean(out)
-        for row in (nd, one):
+        for row in (nd, one, nf):
             if _ok(row):
+                row["sweep_s"] = row["record"]["sweep_s"]
                 row["note"] = (
-                    "fold throughput " + f"{row['record']['n_folds'] / row['wall_s']:.1f}/s"
+                    f"fit + predict of every fold {row['sweep_s']:.2f} s "
+                    f"({row['record']['n_folds'] / row['sweep_s']:.1f} folds/s); "
+                    "the rest: open + materialize + layout"
+                    if row is not nf
+                    else f"fit_predict of every fold {row['sweep_s']:.2f} s; the rest: from_nii"
                 )
         if _ok(nd) and _ok(one):
-            speedup = one["wall_s"] / nd["wall_s"]
+            speedup = one["sweep_s"] / nd["sweep_s"]
             nd["speedup_vs_1_worker"] = speedup
             ctx.target(
                 5,
                 f"{many} workers >= 1.7x fold throughput of 1: {stat}",
                 f">= {WORKER_SPEEDUP}x",
-                f"{speedup:.2f}x ({one['wall_s']:.1f} s -> {nd['wall_s']:.1f} s)",
+                f"{speedup:.2f}x ({one['sweep_s']:.2f} s -> {nd['sweep_s']:.2f} s)",
                 speedup >= WORKER_SPEEDUP,
             )
         if _ok(nd) and _ok(nf):
@@ -466,13 +471,21 @@ def suite_lofo(ctx: Context) -> None:
                 if _ok(row):
                     row["time_vs_nifreeze"] = _ratio(row["wall_s"], nf["wall_s"])
                     row["rss_vs_nifreeze"] = _ratio(row["rss_mb"], nf["rss_mb"])
+            speedup = nf["sweep_s"] / nd["sweep_s"]
+            ctx.target(
+                5,
+                f">= 20x faster than nifreeze, fit + predict of every fold: {stat}",
+                f">= {LOFO_SPEEDUP}x",
+                f"{speedup:.1f}x ({nf['sweep_s']:.2f} s -> {nd['sweep_s']:.2f} s)",
+                speedup >= LOFO_SPEEDUP,
+            )
             speedup = nf["wall_s"] / nd["wall_s"]
             ctx.target(
                 5,
-                f">= 20x faster than nifreeze: {stat}",
-                f">= {LOFO_SPEEDUP}x",
+                f"(for reference) end to end, setup included: {stat}",
+                "",
                 f"{speedup:.1f}x ({nf['wall_s']:.1f} s -> {nd['wall_s']:.1f} s)",
-                speedup >= LOFO_SPEEDUP,
+                None,
             )
 
 
@@ -487,17 +500,23 @@ SUITES: dict[str, Callable[[Context], None]] = {
 
 
 def run_sizes(ctx_args: argparse.Namespace, work: Path, meta: dict) -> dict:
-    """nidask materialize / to_filename / to_nifti(.nii) on series of each ``--sizes``."""
+    """nidask's sinks, resampled export and LOFO sweep on series of each ``--sizes``.
+
+    Peak RSS must stay the same whatever the number of volumes (issues 3, 4, 5).
+    """
     shape3d = tuple(ctx_args.shape[:3])
     volume_bytes = math.prod(shape3d) * 2
-    tasks = [
-        ("open + materialize", "materialize", {}),
-        ("open + to_filename (NFDH5)", "to_filename", {}),
-        ("open + to_nifti (.nii)", "to_nifti", {"ext": ".nii"}),
+    tasks = [  # (label, task, options, issue)
+        ("open + materialize", "materialize", {}, 3),
+        ("open + to_filename (NFDH5)", "to_filename", {}, 3),
+        ("open + to_nifti (.nii)", "to_nifti", {"ext": ".nii"}, 3),
+        ("resampled to_nifti order=1", "resampled_to_nifti", {"order": 1, "ext": ".nii"}, 4),
+        ("LOFO sweep, average model (mean)", "lofo_sweep", {"model": "average"}, 5),
     ]
     rows: list[dict] = []
     targets: list[dict] = []
-    by_task: dict[str, list[dict]] = {label: [] for label, _, _ in tasks}
+    by_task: dict[str, list[dict]] = {label: [] for label, *_ in tasks}
+    issues = {label: issue for label, _, _, issue in tasks}
     for size in ctx_args.sizes:
         n = max(ctx_args.b0 + 7, round(parse_bytes(size) / volume_bytes))
         series_dir = work / f"series-{size}"
@@ -509,7 +528,9 @@ def run_sizes(ctx_args: argparse.Namespace, work: Path, meta: dict) -> dict:
             file=sys.stderr,
         )
         ctx = Context(ctx_args, series, work, None)
-        for label, task, opts in tasks:
+        for label, task, opts, _ in tasks:
+            if task == "resampled_to_nifti":
+                opts = {**opts, "matrices": series.matrices}
             out = ctx.outdir(f"sizes-{task}")
             row = ctx.add_row(
                 "flat", f"{label} [{size}]", "nidask", ctx.nidask(task, out, **opts), size=size
@@ -525,15 +546,16 @@ def run_sizes(ctx_args: argparse.Namespace, work: Path, meta: dict) -> dict:
     budget_mb = BUDGET_FACTOR * parse_bytes(ctx_args.chunk_size) / MB
     for label, measured in by_task.items():
         good = [r for r in measured if _ok(r)]
+        issue = issues[label]
         if len(good) < len(measured) or not good:
-            targets.append(_target(3, f"flat RSS: {label}", "", "failed", None))
+            targets.append(_target(issue, f"flat RSS: {label}", "", "failed", None))
             continue
         values = [r["rss_mb"] for r in good]
         spread = (max(values) - min(values)) / max(min(values), 1e-9)
         sizes = ", ".join(f"{r['size']}: {r['rss_mb']:.0f} MB" for r in good)
         targets.append(
             _target(
-                3,
+                issue,
                 f"RSS flat across sizes: {label}",
                 f"within {FLAT_TOLERANCE:.0%}",
                 f"{sizes} (spread {spread:.1%})",
@@ -541,9 +563,11 @@ def run_sizes(ctx_args: argparse.Namespace, work: Path, meta: dict) -> dict:
             )
         )
         worst = max(values)
+        if issue == 5:  # the sweep's target is flatness only
+            continue
         targets.append(
             _target(
-                3,
+                issue,
                 f"RSS <= 2x chunk budget: {label}, all sizes",
                 f"<= {budget_mb:.0f} MB",
                 f"max {worst:.0f} MB",

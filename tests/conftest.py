@@ -26,7 +26,14 @@ import pytest
 
 from nidask import phantom
 from nidask.cache import Cache
-from nidask.sources import GzipNiftiSource, HDF5Source, NiftiSource, NpySource, VolumeSource
+from nidask.sources import (
+    GzipNiftiSource,
+    HDF5Source,
+    NiftiSource,
+    NpySource,
+    VolumeSelection,
+    VolumeSource,
+)
 
 #: Spatial shape of every small test series.
 SHAPE3D = (16, 18, 12)
@@ -125,12 +132,12 @@ def open_kind(path, kind: str, cache: Cache) -> VolumeSource:
 
 
 def graph_sources(collection) -> list[VolumeSource]:
-    """Every nidask source object referenced by a dask collection's graph."""
+    """Every file source referenced by a dask collection's graph (selections unwrapped)."""
     found: dict[int, VolumeSource] = {}
 
     class Finder(pickle.Pickler):
         def persistent_id(self, obj):
-            if isinstance(obj, VolumeSource):
+            if isinstance(obj, VolumeSource) and not isinstance(obj, VolumeSelection):
                 found[id(obj)] = obj
             return None
 

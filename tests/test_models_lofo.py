@@ -23,6 +23,7 @@ from nidask.models import (
     DTIModel,
     TemporalModel,
     get_model,
+    leave_one_out_medians,
     predict_folds,
     predict_folds_by_fitting,
     tensor_design,
@@ -60,6 +61,25 @@ def test_median_model_is_the_median_of_the_others():
     predictions = get_model("median").predict_folds(data, {}, range(9))
     for fold in range(9):
         np.testing.assert_allclose(predictions[:, fold], np.median(np.delete(data, fold, 1), 1))
+
+
+@pytest.mark.parametrize("m", [2, 3, 4, 7, 10])
+def test_leave_one_out_medians_match_numpy(m):
+    """One sort per row gives every column's leave-one-out median exactly (ties too)."""
+    values = RNG.integers(0, 5, (40, m)).astype(np.float32)  # many ties
+    expected = np.stack([np.median(np.delete(values, j, 1), 1) for j in range(m)], 1)
+    np.testing.assert_array_equal(leave_one_out_medians(values), expected)
+
+
+def test_median_model_per_shell_for_some_folds():
+    grads = two_shell_gradients(12)
+    data = RNG.uniform(100, 1000, (20, 12)).astype(np.float32)
+    folds = [11, 0, 5, 6]
+    predictions = AverageModel("median").predict_folds(data, {"gradients": grads}, folds)
+    for j, fold in enumerate(folds):
+        shell = np.flatnonzero(np.abs(grads[:, 3] - grads[fold, 3]) <= 100)
+        others = shell[shell != fold]
+        np.testing.assert_array_equal(predictions[:, j], np.median(data[:, others], 1))
 
 
 def test_dti_model_predicts_tensor_data_exactly():

@@ -27,9 +27,18 @@ from conftest import (
     write_bvec_bval,
     write_nifti,
 )
+from nidask.dataset import take_volumes
 from nidask.nifti import header_bytes, make_header
 from nidask.phantom import phantom_affine
-from nidask.sources import GzipNiftiSource, HDF5Source, NiftiSource, NpySource, open_source
+from nidask.sources import (
+    GzipNiftiSource,
+    HDF5Source,
+    NiftiSource,
+    NpySource,
+    VolumeSelection,
+    open_source,
+    source_of,
+)
 
 N = 10
 
@@ -50,6 +59,44 @@ def test_values_match_library_read(kind, source_files, cache):
     np.testing.assert_array_equal(source[:, :, :, 3:5], expected[..., 3:5])
     # a single volume through the lazy array
     np.testing.assert_array_equal(array[..., 7].compute(), expected[..., 7])
+
+
+def _recording_reads(monkeypatch, source) -> list[tuple[int, int]]:
+    """Record the (start, stop) file volumes of every read of ``source``'s class."""
+    reads = []
+    original = type(source).read
+
+    def read(self, index):
+        reads.append(index[3].indices(self.shape[3])[:2])
+        return original(self, index)
+
+    monkeypatch.setattr(type(source), "read", read)
+    return reads
+
+
+@pytest.mark.parametrize("kind", SOURCE_KINDS)
+def test_reads_only_the_volumes_asked_for(kind, source_files, cache, monkeypatch):
+    """A volume, a slice or a selection reads its own volumes, not whole chunks."""
+    path = source_files[kind]
+    expected = reference_data(path, kind)
+    source = open_kind(path, kind, cache)
+    array = source.to_dask(per_chunk=5)
+    reads = _recording_reads(monkeypatch, source)
+    np.testing.assert_array_equal(array[..., 7].compute(), expected[..., 7])
+    assert reads == [(7, 8)]
+    reads.clear()
+    np.testing.assert_array_equal(array[2:9, :, -1, 1:4].compute(), expected[2:9, :, -1, 1:4])
+    assert reads == [(1, 4)]
+    reads.clear()
+    # a selection is a view of the file: its chunks read runs of consecutive volumes
+    picked = take_volumes(array, [9, 1, 2, 3, 6])
+    assert isinstance(source_of(picked), VolumeSelection) and picked.chunks[3] == (5,)
+    np.testing.assert_array_equal(picked.compute(), expected[..., [9, 1, 2, 3, 6]])
+    assert sorted(reads) == [(1, 4), (6, 7), (9, 10)]
+    reads.clear()
+    # a selection of a selection still reads the file once per run
+    np.testing.assert_array_equal(take_volumes(picked, [2, 3])[..., 1].compute(), expected[..., 3])
+    assert reads == [(3, 4)]
 
 
 @pytest.mark.parametrize("kind", SOURCE_KINDS)

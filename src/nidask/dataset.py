@@ -23,7 +23,7 @@ import numpy as np
 
 from .cache import Cache, atomic_output
 from .errors import InputError
-from .sources import NpySource, check_affine
+from .sources import NpySource, VolumeSelection, check_affine, source_of
 from .store import open_memmap, write_npy
 
 
@@ -81,12 +81,14 @@ def normalize_index(index, n: int) -> tuple[np.ndarray, bool]:
 
 
 def take_volumes(data: da.Array, positions) -> da.Array:
-    """``data[..., positions]`` that keeps the existing chunks (no shuffle, no copy).
+    """``data[..., positions]`` that reads only the selected volumes (no shuffle, no copy).
 
-    dask turns an integer-array index into a shuffle: every output chunk is cut and
-    glued from up to two input chunks, so a single volume reads two whole chunks and
-    a streamed write holds about three chunks per task.  Runs of consecutive
-    positions become plain slices (which reference the source chunks) joined by
+    On an array opened from a file (see :mod:`nidask.sources`) this is a new array
+    over a :class:`~nidask.sources.VolumeSelection` of the same file, chunked like
+    ``data``: every chunk, and every single volume sliced from it, reads just its
+    own volumes.  On any other array, dask would turn an integer-array index into a
+    shuffle (every output chunk cut and glued from up to two input chunks), so runs
+    of consecutive positions become plain slices of the existing chunks joined by
     ``concatenate``.
 
     >>> take_volumes(da.zeros((2, 2, 2, 10), chunks=(2, 2, 2, 4)), [1, 2, 3, 7]).chunks[3]
@@ -95,6 +97,9 @@ def take_volumes(data: da.Array, positions) -> da.Array:
     positions = np.asarray(positions, dtype=int).reshape(-1)
     if positions.size == 0:
         return data[..., :0]
+    source = source_of(data)
+    if source is not None:
+        return VolumeSelection(source, positions).to_dask(per_chunk=max(data.chunks[3]))
     runs = np.split(positions, np.flatnonzero(np.diff(positions) != 1) + 1)
     parts = [data[..., int(run[0]) : int(run[-1]) + 1] for run in runs]
     return parts[0] if len(parts) == 1 else da.concatenate(parts, axis=3)
@@ -197,9 +202,9 @@ class BaseDataset:
         Volumes stay lazy (dask); an integer index gives one (X, Y, Z) volume.
         """
         positions, single = normalize_index(index, len(self))
-        volumes = (
-            self.dataobj[..., positions[0]] if single else take_volumes(self.dataobj, positions)
-        )
+        volumes = take_volumes(self.dataobj, positions)
+        if single:
+            volumes = volumes[..., 0]
         affines = None
         if self.motion_affines is not None:
             affines = self.motion_affines[positions[0] if single else positions]

@@ -19,6 +19,7 @@ import dask
 import numpy as np
 
 from .config import chunk_bytes
+from .errors import InputError
 from .models import predict_folds
 from .progress import compute
 from .sources import read_npy_header
@@ -36,8 +37,6 @@ def fold_order(n: int, order: str = "sequential", seed: int = 0, bvals=None) -> 
     >>> fold_order(4, "reverse").tolist()
     [3, 2, 1, 0]
     """
-    from .errors import InputError
-
     if order == "sequential":
         return np.arange(n)
     if order == "reverse":
@@ -79,14 +78,14 @@ def _read_rows_from_volumes(path: str, flat_rows: np.ndarray) -> np.ndarray:
     shape, fortran, dtype, offset = read_npy_header(path)
     size3d, n = math.prod(shape[:3]), shape[3]
     lo, hi = int(flat_rows[0]), int(flat_rows[-1]) + 1
-    out = np.empty((len(flat_rows), n), dtype=np.float32)
+    span = np.empty((n, hi - lo), dtype=dtype)  # the rows' span of every volume
     with open(path, "rb") as f:
         for v in range(n):
-            raw = os.pread(
-                f.fileno(), (hi - lo) * dtype.itemsize, offset + (v * size3d + lo) * dtype.itemsize
-            )
-            out[:, v] = np.frombuffer(raw, dtype=dtype)[flat_rows - lo]
-    return out
+            f.seek(offset + (v * size3d + lo) * dtype.itemsize)
+            if f.readinto(memoryview(span[v]).cast("B")) != span[v].nbytes:
+                raise InputError("file is shorter than its header declares", path)
+    picked = span if len(flat_rows) == hi - lo else span[:, flat_rows - lo]
+    return np.ascontiguousarray(picked.T, dtype=np.float32)
 
 
 def _write_voxel_block(volumes: str, target: str, flat_rows: np.ndarray, start: int) -> None:

@@ -81,6 +81,37 @@ def shell_members(meta: dict, n: int, per_shell: bool, tolerance: float) -> np.n
     return np.abs(bvals[:, None] - bvals[None, :]) <= tolerance
 
 
+def leave_one_out_medians(values: np.ndarray) -> np.ndarray:
+    """Column j: the median of each row of ``values`` without its column j.
+
+    One sort per row serves every column: once column j (rank r in its row) is
+    left out, the middle of the remaining m - 1 sorted values sits at the same
+    ranks, shifted by one where they lie at or past r.  Equals ``np.median`` of
+    ``np.delete(values, j, axis=1)`` along rows.
+
+    >>> leave_one_out_medians(np.array([[1.0, 5.0, 2.0, 8.0]]))
+    array([[5., 2., 5., 2.]])
+    """
+    rows, m = values.shape
+    if m < 2:
+        raise InputError("a leave-one-out median needs at least two values")
+    order = np.argsort(values, axis=1, kind="stable")
+    ordered = np.take_along_axis(values, order, axis=1)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(m), (rows, m)), axis=1)
+
+    def remaining(k: int) -> np.ndarray:
+        """Value at rank k of each row once the column itself is left out."""
+        below = ordered[:, k : k + 1]
+        above = ordered[:, k + 1 : k + 2]
+        return np.where(rank > k, below, above)
+
+    half = (m - 1) // 2
+    if (m - 1) % 2:
+        return remaining(half)
+    return ((remaining(half - 1) + remaining(half)) / 2).astype(values.dtype, copy=False)
+
+
 class AverageModel(FoldModel):
     """Mean (or median) of the training volumes, per b-shell for a DWI.
 
@@ -121,21 +152,25 @@ class AverageModel(FoldModel):
         np.fill_diagonal(pools, False)
         empty = ~pools.any(axis=1)
         pools[empty] = ~np.eye(n, dtype=bool)[empty]
-        out = np.empty((data.shape[0], len(folds)), dtype=np.float32)
-        sums: dict[bytes, np.ndarray] = {}
+        # Folds whose pool plus themselves is the same set S (a shell) are computed
+        # together from S alone: the mean as (sum of S - fold) / (|S| - 1), the median
+        # from one sort of S (see leave_one_out_medians).
+        groups: dict[bytes, list[int]] = {}
         for j, fold in enumerate(folds):
-            pool = pools[fold]
-            if self.stat == "median":
-                out[:, j] = np.median(data[:, pool], axis=1)
-                continue
-            # the pool plus the fold itself is shared by every fold of a shell:
-            # sum it once, then take the fold out
-            with_fold = pool.copy()
+            with_fold = pools[fold].copy()
             with_fold[fold] = True
-            key = with_fold.tobytes()
-            if key not in sums:
-                sums[key] = data[:, with_fold].sum(axis=1, dtype=np.float64)
-            out[:, j] = (sums[key] - data[:, fold]) / pool.sum()
+            groups.setdefault(with_fold.tobytes(), []).append(j)
+        out = np.empty((data.shape[0], len(folds)), dtype=np.float32, order="F")
+        folds = np.asarray(folds, dtype=int)
+        for key, js in groups.items():
+            members = np.flatnonzero(np.frombuffer(key, dtype=bool))
+            columns = np.searchsorted(members, folds[js])
+            values = data if len(members) == n else data[:, members]
+            if self.stat == "median":
+                out[:, js] = leave_one_out_medians(values)[:, columns]
+            else:
+                total = values.sum(axis=1, dtype=np.float64)[:, None]
+                out[:, js] = (total - values[:, columns]) / (len(members) - 1)
         return out
 
     def __repr__(self):

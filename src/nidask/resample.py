@@ -36,13 +36,16 @@ Differences from nitransforms, on purpose
 
 from __future__ import annotations
 
+import math
 import operator
 
 import dask.array as da
 import numpy as np
 from scipy import ndimage as ndi
 
+from nidask.config import chunk_bytes
 from nidask.errors import InputError
+from nidask.sources import rechunk_volumes
 
 __all__ = [
     "MODES",
@@ -51,6 +54,7 @@ __all__ = [
     "resample_series",
     "resample_volume",
     "rotate_bvecs",
+    "volumes_per_task",
     "voxel_matrices",
 ]
 
@@ -323,6 +327,24 @@ def _resample_block(block, matrices, order, mode, cval):
     return out
 
 
+def volumes_per_task(shape3d, dtype, order: int, budget: int | None = None) -> int:
+    """Volumes per resampling task, so that a task's working set fits the chunk budget.
+
+    A task holds its input block, its float32 output block and one volume of
+    scratch: scipy's float64 spline coefficients for ``order > 1``, or a float32
+    copy of an input that scipy cannot read natively.
+
+    >>> volumes_per_task((10, 10, 10), "int16", order=3, budget=60_000)
+    8
+    """
+    voxels = math.prod(shape3d)
+    dtype = np.dtype(dtype)
+    native = dtype.kind in _NATIVE_KINDS and dtype != np.float16 and dtype.isnative
+    scratch = voxels * (8 if order > 1 else 0 if native else 4)
+    budget = chunk_bytes() if budget is None else budget
+    return max(1, (budget - scratch) // (voxels * (dtype.itemsize + 4)))
+
+
 def resample_series(
     data: da.Array,
     affine,
@@ -355,8 +377,10 @@ def resample_series(
     Returns
     -------
     dask.array.Array, shape (X, Y, Z, N), float32
-        A deferred graph with one task per input chunk.  Each task receives only the
-        (n, 4, 4) voxel matrices of its own volumes.  When a matrix stack is given,
+        A deferred graph with one task per block of volumes.  Blocks are the input
+        chunks, split where needed so that a task's input, output and scratch fit
+        ``nidask.chunk-size`` (see :func:`volumes_per_task`).  Each task receives
+        only the (n, 4, 4) voxel matrices of its own volumes.  When a matrix stack is given,
         every volume is interpolated, identity matrices included, so results do not
         depend on which matrices happen to be exact identities.
 
@@ -386,6 +410,7 @@ def resample_series(
         raise InputError(f"got {voxmats.shape[0]} motion matrices for {data.shape[-1]} volumes")
     if any(len(c) != 1 for c in data.chunks[:3]):
         data = data.rechunk({0: -1, 1: -1, 2: -1})
+    data = rechunk_volumes(data, volumes_per_task(data.shape[:3], data.dtype, order))
 
     # from_array slices a numpy array into one small array per chunk at graph
     # construction, so each task embeds only the matrices of its own volumes.

@@ -18,6 +18,7 @@ import math
 import operator
 import os
 import shutil
+import weakref
 import zlib
 
 import dask.array as da
@@ -46,6 +47,8 @@ FILE_ERRORS = (
     HeaderTypeError,
     ImageDataError,
 )
+#: Source behind each dask array that :meth:`VolumeSource.to_dask` made, by array name.
+_ARRAYS: weakref.WeakValueDictionary[str, VolumeSource] = weakref.WeakValueDictionary()
 
 
 def check_readable(path: str | os.PathLike) -> str:
@@ -70,6 +73,27 @@ def _normalize_index(index, ndim: int) -> tuple:
     return index + (slice(None),) * (ndim - len(index))
 
 
+def _covering(index, size: int) -> tuple[slice, object]:
+    """A unit-step slice covering ``index`` along one axis, and what to take from it.
+
+    >>> _covering(slice(2, 9, 3), 10)
+    (slice(2, 9, None), array([0, 3, 6]))
+    >>> _covering(4, 10)
+    (slice(4, 5, None), 0)
+    """
+    if isinstance(index, slice):
+        start, stop, step = index.indices(size)
+        if step == 1:
+            return slice(start, max(start, stop)), slice(None)
+    positions = np.arange(size)[index]
+    if positions.ndim == 0:
+        return slice(int(positions), int(positions) + 1), 0
+    if positions.size == 0:
+        return slice(0, 0), slice(None)
+    low = int(positions.min())
+    return slice(low, int(positions.max()) + 1), positions - low
+
+
 class VolumeSource:
     """Base class of sources: a 4D (X, Y, Z, N) array stored in one file.
 
@@ -92,15 +116,31 @@ class VolumeSource:
         return (type(self).__name__, self.path, self.key, *self._stamp)
 
     def __getitem__(self, index) -> np.ndarray:
+        """Numpy-style basic and integer-array indexing (one axis at a time).
+
+        dask fuses slices of a chunk into this call, so ``x[..., 3]`` reads one
+        volume, not the whole chunk.  Each axis is read as the unit-step range that
+        covers its index, then narrowed in memory.
+        """
         index = _normalize_index(index, 4)
-        if any(not isinstance(i, slice) for i in index):
-            raise TypeError(f"{type(self).__name__} only supports slicing, got {index!r}")
-        try:
-            return np.asarray(self.read(index), dtype=self.dtype)
-        except InputError:
-            raise
-        except FILE_ERRORS as exc:
-            raise InputError(f"cannot read data: {exc}", self.path) from exc
+        if len(index) != 4:
+            raise IndexError(f"too many indices for a 4D source: {index!r}")
+        covering, narrowing = zip(
+            *(_covering(i, size) for i, size in zip(index, self.shape, strict=True)), strict=True
+        )
+        if any(s.start == s.stop for s in covering):
+            data = np.empty([s.stop - s.start for s in covering], dtype=self.dtype)
+        else:
+            try:
+                data = np.asarray(self.read(covering), dtype=self.dtype)
+            except InputError:
+                raise
+            except FILE_ERRORS as exc:
+                raise InputError(f"cannot read data: {exc}", self.path) from exc
+        for axis in reversed(range(4)):  # integers drop their axis: go from the last
+            if not (isinstance(narrowing[axis], slice) and narrowing[axis] == slice(None)):
+                data = data[(slice(None),) * axis + (narrowing[axis],)]
+        return data
 
     def read(self, index: tuple[slice, slice, slice, slice]) -> np.ndarray:
         raise NotImplementedError
@@ -138,12 +178,13 @@ class VolumeSource:
             per_chunk = volumes_per_chunk(self.shape[:3], self.dtype)
         chunks = tuple((s,) for s in self.shape[:3]) + (volume_chunks(self.shape[3], per_chunk),)
         name = f"nidask-{self.label}-{tokenize(self, chunks)}"
+        _ARRAYS[name] = self
         return da.from_array(
             self,
             chunks=chunks,
             name=name,
             asarray=False,
-            fancy=False,
+            fancy=True,  # with fancy=False dask 2026.8 fuses no slice into the read
             lock=False,
             inline_array=True,
             meta=np.empty((0, 0, 0, 0), dtype=self.dtype),
@@ -152,6 +193,64 @@ class VolumeSource:
     def __repr__(self) -> str:
         key = f", key={self.key!r}" if self.key else ""
         return f"{type(self).__name__}({self.path!r}{key}, shape={self.shape}, dtype={self.dtype})"
+
+
+def source_of(array: da.Array) -> VolumeSource | None:
+    """The source whose :meth:`~VolumeSource.to_dask` made ``array`` (else ``None``)."""
+    return _ARRAYS.get(array.name) if isinstance(array, da.Array) else None
+
+
+def rechunk_volumes(data: da.Array, per_chunk: int) -> da.Array:
+    """``data`` with at most ``per_chunk`` volumes per chunk.
+
+    An array opened from a file is opened again with smaller chunks, so each new
+    chunk reads only its own volumes; any other array is split with ``rechunk``.
+    """
+    if max(data.chunks[3], default=0) <= per_chunk:
+        return data
+    source = source_of(data)
+    if source is not None:
+        return source.to_dask(per_chunk=per_chunk)
+    return data.rechunk({3: per_chunk})
+
+
+class VolumeSelection(VolumeSource):
+    """Some volumes of another source, in any order: a view that copies nothing.
+
+    Each read fetches runs of consecutive file volumes from the underlying source,
+    so a selection's chunk (or a single volume of it) reads exactly its volumes.
+    A selection of a selection selects from the underlying source directly.
+
+    Parameters
+    ----------
+    base : VolumeSource
+        The source to select from.
+    positions : array-like of int
+        Volumes of ``base``, in the order they appear in the selection.
+    """
+
+    label = "selection"
+
+    def __init__(self, base: VolumeSource, positions):
+        positions = np.asarray(positions, dtype=np.intp).reshape(-1)
+        if isinstance(base, VolumeSelection):
+            base, positions = base.base, base.positions[positions]
+        self.base, self.positions = base, positions
+        self.path, self.key, self.dtype = base.path, base.key, base.dtype
+        self.shape = (*base.shape[:3], len(positions))
+
+    def __dask_tokenize__(self):
+        return (type(self).__name__, self.base.__dask_tokenize__(), tokenize(self.positions))
+
+    def read(self, index):
+        wanted = self.positions[index[3]]
+        runs = np.split(wanted, np.flatnonzero(np.diff(wanted) != 1) + 1)
+        parts = [self.base.read((*index[:3], slice(int(r[0]), int(r[-1]) + 1))) for r in runs]
+        parts = [np.asarray(part, dtype=self.dtype) for part in parts]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=3)
+
+    def __repr__(self) -> str:
+        return f"VolumeSelection({self.base!r}, {len(self.positions)} volumes)"
 
 
 def _load_nifti(path: str):
