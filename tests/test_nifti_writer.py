@@ -233,12 +233,71 @@ def _counting_target(monkeypatch, cls):
 
 
 def test_nifti_is_written_block_by_block(source, tmp_path, monkeypatch):
-    path, data, _ = source
+    path, data, affine = source
     blocks = _counting_target(monkeypatch, store.VolumeFileTarget)
     with _chunked(), dask.config.set(scheduler="threads"):
-        nidask.load(path).to_nifti(tmp_path / "out.nii")
+        computed = nidask.load(path)
+        computed.dataobj = computed.dataobj * np.int16(1)  # a graph, not the file itself
+        computed.to_nifti(tmp_path / "out.nii")
     assert sorted(b[3] for b in blocks) == [1, 2, 2, 2]
     assert all(b[:3] == SHAPE3D for b in blocks)
+    reference = _nibabel_file(tmp_path, data, affine, "ref.nii")
+    assert _data_section(tmp_path / "out.nii") == _data_section(reference)
+
+
+def _counting_copies(monkeypatch) -> list[int]:
+    """Record the byte count of every file-to-file copy."""
+    counts = []
+    original = store.copy_range
+
+    def spy(src, dst, src_offset, dst_offset, count):
+        counts.append(count)
+        original(src, dst, src_offset, dst_offset, count)
+
+    monkeypatch.setattr(store, "copy_range", spy)
+    return counts
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["copy_file_range", "pread-pwrite"])
+def test_unchanged_volumes_are_copied_file_to_file(source, tmp_path, monkeypatch, kernel):
+    """An unscaled .nii (or a selection of its volumes) is copied without a read into memory,
+    with the same bytes as nibabel writes; without copy_file_range, by pread/pwrite."""
+    path, data, affine = source
+    if not kernel:
+
+        def unsupported(*args):
+            raise OSError(18, "Invalid cross-device link")  # EXDEV
+
+        monkeypatch.setattr(os, "copy_file_range", unsupported)
+    blocks = _counting_target(monkeypatch, store.VolumeFileTarget)
+    copies = _counting_copies(monkeypatch)
+    volume_bytes = math.prod(SHAPE3D) * 2
+    with _chunked(), dask.config.set(scheduler="threads"):
+        ds = nidask.load(path)
+        ds.to_nifti(tmp_path / "out.nii")
+        picked = ds.select([6, 0, 1, 2])
+        picked.materialize(tmp_path / "picked.npy")
+    assert blocks == []  # nothing went through memory
+    # the export's chunks (2, 2, 2, 1 volumes), then the runs [6], [0] and [1, 2]
+    assert sorted(copies) == [volume_bytes * n for n in (1, 1, 1, 2, 2, 2, 2)]
+    reference = _nibabel_file(tmp_path, data, affine, "ref.nii")
+    assert _data_section(tmp_path / "out.nii") == _data_section(reference)
+    np.testing.assert_array_equal(np.load(tmp_path / "picked.npy"), data[..., [6, 0, 1, 2]])
+    ds.close()
+
+
+def test_scaled_or_converted_volumes_are_computed(tmp_path, monkeypatch):
+    """Scaled data (float32 values from int16 bytes) cannot be copied byte for byte."""
+    data = np.arange(math.prod(SHAPE3D) * 3, dtype=np.int16).reshape(*SHAPE3D, 3)
+    path = write_nifti(tmp_path / "scaled.nii", data, slope=0.5, inter=1.0)
+    copies = _counting_copies(monkeypatch)
+    with nidask.load(path) as ds:
+        ds.to_nifti(tmp_path / "out.nii")
+        ds.materialize(tmp_path / "as_int.npy").to_nifti(tmp_path / "as_float64.nii", dtype="f8")
+    assert copies == []
+    expected = data * np.float32(0.5) + np.float32(1.0)
+    np.testing.assert_array_equal(nb.load(tmp_path / "out.nii").get_fdata(), expected)
+    np.testing.assert_array_equal(nb.load(tmp_path / "as_float64.nii").get_fdata(), expected)
 
 
 def test_to_filename_uses_the_same_machinery(source, tmp_path, monkeypatch, local_cluster):

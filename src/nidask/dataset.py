@@ -23,7 +23,7 @@ import numpy as np
 
 from .cache import Cache, atomic_output
 from .errors import InputError
-from .sources import NpySource, VolumeSelection, check_affine, source_of
+from .sources import NpySource, VolumeSelection, check_affine, source_of, volume_runs
 from .store import open_memmap, write_npy
 
 
@@ -100,8 +100,7 @@ def take_volumes(data: da.Array, positions) -> da.Array:
     source = source_of(data)
     if source is not None:
         return VolumeSelection(source, positions).to_dask(per_chunk=max(data.chunks[3]))
-    runs = np.split(positions, np.flatnonzero(np.diff(positions) != 1) + 1)
-    parts = [data[..., int(run[0]) : int(run[-1]) + 1] for run in runs]
+    parts = [data[..., int(run[0]) : int(run[-1]) + 1] for run in volume_runs(positions)]
     return parts[0] if len(parts) == 1 else da.concatenate(parts, axis=3)
 
 

@@ -22,7 +22,7 @@ import nibabel as nb
 import numpy as np
 
 from .cache import atomic_output, final_name
-from .store import VolumeFileTarget, _check_whole_volumes, presize, store
+from .store import _check_whole_volumes, presize, store, store_volumes
 
 HEADER_BYTES = 352
 COMPRESS_STEP = 8 * 2**20
@@ -123,8 +123,8 @@ def write_nifti_file(
         with open(path, "wb") as f:
             f.write(head)
         presize(path, HEADER_BYTES + math.prod(array.shape) * dtype.itemsize)
-        target = VolumeFileTarget(path, HEADER_BYTES, array.shape, dtype)
-        store(array, target, label=f"writing {final_name(path)}", progress=progress)
+        label = f"writing {final_name(path)}"
+        store_volumes(array, path, HEADER_BYTES, dtype, label=label, progress=progress)
         return
     members = path + ".members"
     os.mkdir(members)

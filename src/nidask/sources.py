@@ -51,6 +51,16 @@ FILE_ERRORS = (
 _ARRAYS: weakref.WeakValueDictionary[str, VolumeSource] = weakref.WeakValueDictionary()
 
 
+def volume_runs(positions) -> list[np.ndarray]:
+    """Split volume positions into runs of consecutive positions.
+
+    >>> [run.tolist() for run in volume_runs([4, 5, 6, 1, 2, 9])]
+    [[4, 5, 6], [1, 2], [9]]
+    """
+    positions = np.asarray(positions, dtype=np.intp).reshape(-1)
+    return np.split(positions, np.flatnonzero(np.diff(positions) != 1) + 1)
+
+
 def check_readable(path: str | os.PathLike) -> str:
     """Return ``path`` as an absolute string; raise if it is missing or unreadable."""
     path = os.path.abspath(os.fspath(path))
@@ -144,6 +154,23 @@ class VolumeSource:
 
     def read(self, index: tuple[slice, slice, slice, slice]) -> np.ndarray:
         raise NotImplementedError
+
+    def copyable(self) -> bool:
+        """Whether the file holds the volumes byte for byte as this array does.
+
+        That is: in this dtype (native byte order, unscaled), each volume one
+        contiguous Fortran-ordered block, so a sink may copy the bytes in the kernel
+        (see :func:`nidask.store.copy_volumes`) instead of reading them into memory.
+        """
+        return False
+
+    def locate(self) -> tuple[str, int]:
+        """(file, byte offset of volume 0) of a :meth:`copyable` source; call in tasks."""
+        raise NotImplementedError
+
+    def file_volumes(self) -> np.ndarray:
+        """Volume of the file behind each volume of this array."""
+        return np.arange(self.shape[3])
 
     @property
     def nbytes(self) -> int:
@@ -244,10 +271,21 @@ class VolumeSelection(VolumeSource):
 
     def read(self, index):
         wanted = self.positions[index[3]]
-        runs = np.split(wanted, np.flatnonzero(np.diff(wanted) != 1) + 1)
-        parts = [self.base.read((*index[:3], slice(int(r[0]), int(r[-1]) + 1))) for r in runs]
+        parts = [
+            self.base.read((*index[:3], slice(int(r[0]), int(r[-1]) + 1)))
+            for r in volume_runs(wanted)
+        ]
         parts = [np.asarray(part, dtype=self.dtype) for part in parts]
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=3)
+
+    def copyable(self) -> bool:
+        return self.base.copyable()
+
+    def locate(self) -> tuple[str, int]:
+        return self.base.locate()
+
+    def file_volumes(self) -> np.ndarray:
+        return self.base.file_volumes()[self.positions]
 
     def __repr__(self) -> str:
         return f"VolumeSelection({self.base!r}, {len(self.positions)} volumes)"
@@ -337,6 +375,13 @@ class NiftiSource(VolumeSource):
     def __dask_tokenize__(self):
         return (*super().__dask_tokenize__(), self.data_path)
 
+    def copyable(self) -> bool:
+        single_file = self.header["magic"] in (b"n+1", b"n+2")  # not an .hdr/.img pair
+        return single_file and self.scaling is None and self.header.get_data_dtype() == self.dtype
+
+    def locate(self) -> tuple[str, int]:
+        return self.data_path, self.data_offset
+
     def read(self, index):
         img = nb.load(self.data_path, mmap=False, keep_file_open=False)
         data = img.dataobj[index[:3] + (index[3],)] if img.ndim == 4 else img.dataobj[index[:3]]
@@ -362,6 +407,10 @@ class GzipNiftiSource(NiftiSource):
     def read(self, index):
         self.ensure_decompressed()
         return super().read(index)
+
+    def locate(self) -> tuple[str, int]:
+        self.ensure_decompressed()
+        return super().locate()
 
     def ensure_decompressed(self) -> str:
         """Decompress into the cache unless done already; return the cache path."""
@@ -466,9 +515,17 @@ class NpySource(VolumeSource):
             raise InputError(f"unsupported .npy dtype {dtype}", self.path)
         self.dtype = np.dtype(dtype).newbyteorder("=") if dtype.byteorder != "|" else dtype
         self._set_shape(shape)
+        self._contiguous_volumes = (self.fortran_order or len(shape) < 2) and dtype == self.dtype
+        self.data_offset = offset
         expected = offset + math.prod(shape) * dtype.itemsize
         if os.path.getsize(self.path) < expected:
             raise InputError("file is shorter than its header declares", self.path)
+
+    def copyable(self) -> bool:
+        return self._contiguous_volumes
+
+    def locate(self) -> tuple[str, int]:
+        return self.path, self.data_offset
 
     def read(self, index):
         mm = np.load(self.path, mmap_mode="r")

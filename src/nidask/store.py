@@ -10,15 +10,22 @@ one contiguous byte range.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import math
 import os
 
+import dask
 import dask.array as da
 import h5py
 import numpy as np
 
+from .errors import InputError
 from .progress import compute
+from .sources import COPY_BLOCK, source_of, volume_runs
+
+#: copy_file_range cannot serve these file pairs; fall back to pread/pwrite
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 
 
 def pwrite_all(fd: int, buffer, offset: int) -> None:
@@ -136,6 +143,73 @@ def store(array: da.Array, target, *, label: str = "writing", progress=None) -> 
     compute(stored, label=label, progress=progress)
 
 
+def copy_range(src: int, dst: int, src_offset: int, dst_offset: int, count: int) -> None:
+    """Copy ``count`` bytes between two files at given offsets, in the kernel if it can."""
+    kernel = hasattr(os, "copy_file_range")
+    while count:
+        if kernel:
+            try:
+                done = os.copy_file_range(src, dst, count, src_offset, dst_offset)
+            except OSError as exc:
+                if exc.errno not in _NO_KERNEL_COPY:
+                    raise
+                kernel = False
+                continue
+        else:
+            buffer = os.pread(src, min(count, COPY_BLOCK), src_offset)
+            pwrite_all(dst, buffer, dst_offset)
+            done = len(buffer)
+        if done == 0:
+            raise InputError("file ends before the data its header declares")
+        src_offset, dst_offset, count = src_offset + done, dst_offset + done, count - done
+
+
+def copy_volumes(source, positions, path: str, offset: int) -> None:
+    """Task: copy file volumes ``positions`` of a copyable ``source`` to ``path`` at ``offset``.
+
+    The bytes never enter this process where the kernel supports
+    ``copy_file_range`` (the file pages are copied within the page cache).
+    """
+    volume_bytes = math.prod(source.shape[:3]) * source.dtype.itemsize
+    data_path, data_offset = source.locate()
+    with open(data_path, "rb") as src, open(path, "r+b") as dst:
+        for run in volume_runs(positions):
+            start, count = data_offset + int(run[0]) * volume_bytes, len(run) * volume_bytes
+            try:
+                copy_range(src.fileno(), dst.fileno(), start, offset, count)
+            except InputError as exc:
+                raise InputError(exc.problem, source.path) from None
+            offset += count
+
+
+def store_volumes(
+    array: da.Array, path: str, offset: int, dtype, *, label: str = "writing", progress=None
+) -> None:
+    """Write ``array`` (X, Y, Z, N) in Fortran order at ``offset`` of a pre-sized file.
+
+    An array read as is from a file that holds its volumes byte for byte (an
+    unscaled ``.nii``, a Fortran-ordered ``.npy``, selections of their volumes) is
+    copied file to file without reading it into memory; anything else is computed
+    chunk by chunk through a :class:`VolumeFileTarget`.
+    """
+    dtype = np.dtype(dtype)
+    source = source_of(array)
+    if source is not None and source.dtype == dtype == array.dtype and source.copyable():
+        positions = source.file_volumes()
+        volume_bytes = math.prod(array.shape[:3]) * dtype.itemsize
+        bounds = np.cumsum((0, *array.chunks[3]))
+        tasks = [
+            dask.delayed(copy_volumes, pure=False)(
+                source, positions[a:b], path, offset + int(a) * volume_bytes
+            )
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
+        compute(*tasks, label=label, progress=progress)
+        return
+    target = VolumeFileTarget(path, offset, array.shape, dtype)
+    store(array, target, label=label, progress=progress)
+
+
 def create_npy(path: str, shape, dtype, *, fortran_order: bool) -> int:
     """Create a pre-sized ``.npy`` file (header only, data unwritten); return the data offset."""
     dtype = np.dtype(dtype)
@@ -156,7 +230,7 @@ def write_npy(array: da.Array, path: str, *, dtype=None, progress=None) -> None:
     """
     dtype = np.dtype(dtype or array.dtype)
     offset = create_npy(path, array.shape, dtype, fortran_order=True)
-    store(array, VolumeFileTarget(path, offset, array.shape, dtype), progress=progress)
+    store_volumes(array, path, offset, dtype, progress=progress)
 
 
 def open_memmap(path: str, mode: str = "r") -> np.memmap:
@@ -167,11 +241,14 @@ def open_memmap(path: str, mode: str = "r") -> np.memmap:
 __all__ = [
     "HDF5Target",
     "VolumeFileTarget",
+    "copy_range",
+    "copy_volumes",
     "create_npy",
     "open_memmap",
     "presize",
     "pwrite_all",
     "reserve",
     "store",
+    "store_volumes",
     "write_npy",
 ]
