@@ -72,6 +72,7 @@ def _import_nidask() -> None:
         sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "src"))
     import dask  # noqa: F401
     import dask.array  # noqa: F401
+    import distributed  # noqa: F401  (dask imports it at the first compute)
     import h5py  # noqa: F401
     import nibabel  # noqa: F401
     import numpy  # noqa: F401

@@ -15,7 +15,7 @@ import pytest
 
 import nidask
 from conftest import SHAPE3D, write_nifti
-from nidask import store
+from nidask import nifti, store
 from nidask.phantom import phantom_affine
 
 N = 7
@@ -322,3 +322,21 @@ def test_to_filename_uses_the_same_machinery(source, tmp_path, monkeypatch, loca
     back.to_nifti(tmp_path / "back.nii")
     reference = _nibabel_file(tmp_path, data, affine, "ref.nii")
     assert _data_section(tmp_path / "back.nii") == _data_section(reference)
+
+
+def test_buffering_writers_take_half_budget_blocks(source, tmp_path, monkeypatch):
+    """HDF5 and gzip writers hold a copy of their block: blocks are half a chunk budget."""
+    path, data, _ = source
+    h5_blocks = _counting_target(monkeypatch, store.HDF5Target)
+    gz_blocks = _counting_target(monkeypatch, nifti.GzipMemberTarget)
+    with _chunked(), dask.config.set(scheduler="threads"):
+        ds = nidask.load(path)
+        assert set(ds.dataobj.chunks[3]) <= {1, CHUNK_VOLUMES}
+        ds.to_filename(tmp_path / "out.h5")
+        ds.to_nifti(tmp_path / "out.nii.gz")
+    assert [b[3] for b in h5_blocks] == [1] * N
+    assert [b[3] for b in gz_blocks] == [1] * N
+    np.testing.assert_array_equal(np.asanyarray(nb.load(tmp_path / "out.nii.gz").dataobj), data)
+    with nidask.load(tmp_path / "out.h5") as back:
+        np.testing.assert_array_equal(back.dataobj.compute(), data)
+    ds.close()

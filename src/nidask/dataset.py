@@ -284,7 +284,8 @@ class BaseDataset:
         inputs = self.inputs if self.cache.owns(path) else (*self.inputs, path)
         return attrs.evolve(self, dataobj=data, memmap_path=path, inputs=inputs)
 
-    def _materialized_fields(self) -> dict:
+    def _lazy_fields(self) -> dict:
+        """Small fields still held as dask graphs (computed along with the data)."""
         return {}
 
     def materialize(self, path: str | os.PathLike | None = None, *, progress=None):
@@ -303,10 +304,11 @@ class BaseDataset:
         Dataset of the same type backed by the file; ``.memmap`` opens it.
         """
         target = self.cache.new_path(".npy", stem="materialized") if path is None else path
+        lazy = self._lazy_fields()
         with atomic_output(target, self.inputs) as temp:
-            write_npy(self.dataobj, temp, progress=progress)
+            values = write_npy(self.dataobj, temp, progress=progress, along=lazy.values())
         result = self._with_data_file(os.path.abspath(target))
-        return attrs.evolve(result, **self._materialized_fields())
+        return attrs.evolve(result, **dict(zip(lazy, values, strict=True)))
 
     @property
     def memmap(self) -> np.memmap:

@@ -197,10 +197,8 @@ class DWI(BaseDataset):
         gradients[:, :3] = rotate_bvecs(self.bvecs, self.affine, self.motion_affines)
         return {"gradients": gradients}
 
-    def _materialized_fields(self) -> dict:
-        if isinstance(self.bzero, da.Array):
-            return {"bzero": self.bzero.compute()}
-        return {}
+    def _lazy_fields(self) -> dict:
+        return {"bzero": self.bzero} if isinstance(self.bzero, da.Array) else {}
 
     def _describe(self) -> list[str]:
         shells = ", ".join(f"b={b:g}:{len(idx)}" for b, idx in self.get_shells())
@@ -228,8 +226,27 @@ def split_b0(
     if b0_index.size == 1:
         bzero = b0s[..., 0].astype(np.float32)
     else:
-        bzero = da.median(b0s.rechunk({3: -1}), axis=-1).astype(np.float32)
+        bzero = b0s.rechunk({3: -1}).map_blocks(
+            median_volume, drop_axis=3, dtype=np.float32, meta=np.empty((0, 0, 0), np.float32)
+        )
     return np.flatnonzero(~is_b0), bzero
+
+
+def median_volume(volumes: np.ndarray) -> np.ndarray:
+    """Voxel-wise median of (X, Y, Z, n) volumes as float32 (``np.median``'s values).
+
+    Sorting contiguous rows of n values is several times faster than ``np.median``
+    along the last axis of volume-contiguous data.
+
+    >>> median_volume(np.arange(8).reshape(1, 1, 2, 4, order="F")).tolist()
+    [[[3.0, 4.0]]]
+    """
+    n = volumes.shape[-1]
+    rows = np.sort(np.ascontiguousarray(volumes.reshape(-1, n, order="F")), axis=1)
+    middle = rows[:, n // 2].astype(np.float64)
+    if n % 2 == 0:
+        middle = (rows[:, n // 2 - 1] + middle) / 2
+    return middle.astype(np.float32).reshape(volumes.shape[:3], order="F")
 
 
 def from_nii(

@@ -22,7 +22,7 @@ from .errors import InputError
 from .pet import PET
 from .progress import compute
 from .sources import HDF5Source, check_readable
-from .store import HDF5Target, reserve, store
+from .store import HDF5Target, reserve, store, write_blocks
 
 FORMATS = {"NFDH5", "EMC/PET"}
 VERSIONS = {1, 2}
@@ -181,4 +181,4 @@ def write_nfdh5(
                 chunks=(*dataset.shape3d, 1),
                 **filters,
             )
-        store(dataset.dataobj, HDF5Target(temp, "/0/dataobj"), progress=progress)
+        store(write_blocks(dataset.dataobj), HDF5Target(temp, "/0/dataobj"), progress=progress)

@@ -22,7 +22,7 @@ import nibabel as nb
 import numpy as np
 
 from .cache import atomic_output, final_name
-from .store import _check_whole_volumes, presize, store, store_volumes
+from .store import _check_whole_volumes, presize, store, store_volumes, write_blocks
 
 HEADER_BYTES = 352
 COMPRESS_STEP = 8 * 2**20
@@ -130,7 +130,8 @@ def write_nifti_file(
     os.mkdir(members)
     try:
         target = GzipMemberTarget(members, array.shape, dtype)
-        store(array, target, label=f"compressing {final_name(path)}", progress=progress)
+        label = f"compressing {final_name(path)}"
+        store(write_blocks(array), target, label=label, progress=progress)
         with open(path, "wb") as out:
             out.write(zlib.compress(head, COMPRESS_LEVEL, wbits=31))
             for member in target.members():

@@ -328,11 +328,13 @@ def _resample_block(block, matrices, order, mode, cval):
 
 
 def volumes_per_task(shape3d, dtype, order: int, budget: int | None = None) -> int:
-    """Volumes per resampling task, so that a task's working set fits the chunk budget.
+    """Volumes per resampling task, so that a task's working set fits ``budget``.
 
     A task holds its input block, its float32 output block and one volume of
     scratch: scipy's float64 spline coefficients for ``order > 1``, or a float32
-    copy of an input that scipy cannot read natively.
+    copy of an input that scipy cannot read natively.  The default budget is half
+    of ``nidask.chunk-size``, as for the other writers that hold more than their
+    input (see :func:`nidask.store.write_blocks`).
 
     >>> volumes_per_task((10, 10, 10), "int16", order=3, budget=60_000)
     8
@@ -341,7 +343,7 @@ def volumes_per_task(shape3d, dtype, order: int, budget: int | None = None) -> i
     dtype = np.dtype(dtype)
     native = dtype.kind in _NATIVE_KINDS and dtype != np.float16 and dtype.isnative
     scratch = voxels * (8 if order > 1 else 0 if native else 4)
-    budget = chunk_bytes() if budget is None else budget
+    budget = chunk_bytes() // 2 if budget is None else budget
     return max(1, (budget - scratch) // (voxels * (dtype.itemsize + 4)))
 
 
@@ -379,7 +381,7 @@ def resample_series(
     dask.array.Array, shape (X, Y, Z, N), float32
         A deferred graph with one task per block of volumes.  Blocks are the input
         chunks, split where needed so that a task's input, output and scratch fit
-        ``nidask.chunk-size`` (see :func:`volumes_per_task`).  Each task receives
+        half of ``nidask.chunk-size`` (see :func:`volumes_per_task`).  Each task receives
         only the (n, 4, 4) voxel matrices of its own volumes.  When a matrix stack is given,
         every volume is interpolated, identity matrices included, so results do not
         depend on which matrices happen to be exact identities.

@@ -20,9 +20,10 @@ import dask.array as da
 import h5py
 import numpy as np
 
+from .config import chunk_bytes
 from .errors import InputError
 from .progress import compute
-from .sources import COPY_BLOCK, source_of, volume_runs
+from .sources import COPY_BLOCK, rechunk_volumes, source_of, volume_runs
 
 #: copy_file_range cannot serve these file pairs; fall back to pread/pwrite
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
@@ -115,6 +116,19 @@ class HDF5Target:
         return f"HDF5Target({self.path!r}, {self.key!r})"
 
 
+def write_blocks(array: da.Array) -> da.Array:
+    """``array`` in blocks of at most half the chunk budget, for writers that hold a copy.
+
+    A chunk is the unit of reading, sized to the budget; a task that holds buffers
+    beside its block (HDF5's conversions, gzip's output; resampling, see
+    :func:`nidask.resample.volumes_per_task`) works on half-budget blocks, so that
+    the two tasks of a two-core machine hold about one budget.  A file-backed array
+    is read in the smaller blocks directly (see :func:`nidask.sources.rechunk_volumes`).
+    """
+    volume_bytes = math.prod(array.shape[:3]) * array.dtype.itemsize
+    return rechunk_volumes(array, max(1, chunk_bytes() // 2 // max(volume_bytes, 1)))
+
+
 def presize(path: str, nbytes: int) -> None:
     """Extend ``path`` to ``nbytes`` (sparse), failing early when the disk is full."""
     with open(path, "r+b") as f:
@@ -137,10 +151,13 @@ def reserve(path: str, nbytes: int) -> None:
     presize(path, nbytes)
 
 
-def store(array: da.Array, target, *, label: str = "writing", progress=None) -> None:
-    """Compute ``array`` block by block into ``target`` on the current scheduler."""
+def store(array: da.Array, target, *, label: str = "writing", progress=None, along=()) -> tuple:
+    """Compute ``array`` block by block into ``target`` on the current scheduler.
+
+    Collections in ``along`` are computed in the same pass; their results are returned.
+    """
     stored = da.store(array, target, lock=False, compute=False)
-    compute(stored, label=label, progress=progress)
+    return compute(stored, *along, label=label, progress=progress)[1:]
 
 
 def copy_range(src: int, dst: int, src_offset: int, dst_offset: int, count: int) -> None:
@@ -183,14 +200,22 @@ def copy_volumes(source, positions, path: str, offset: int) -> None:
 
 
 def store_volumes(
-    array: da.Array, path: str, offset: int, dtype, *, label: str = "writing", progress=None
-) -> None:
+    array: da.Array,
+    path: str,
+    offset: int,
+    dtype,
+    *,
+    label: str = "writing",
+    progress=None,
+    along=(),
+) -> tuple:
     """Write ``array`` (X, Y, Z, N) in Fortran order at ``offset`` of a pre-sized file.
 
     An array read as is from a file that holds its volumes byte for byte (an
     unscaled ``.nii``, a Fortran-ordered ``.npy``, selections of their volumes) is
     copied file to file without reading it into memory; anything else is computed
-    chunk by chunk through a :class:`VolumeFileTarget`.
+    chunk by chunk through a :class:`VolumeFileTarget`.  Collections in ``along``
+    are computed in the same pass; their results are returned.
     """
     dtype = np.dtype(dtype)
     source = source_of(array)
@@ -204,10 +229,9 @@ def store_volumes(
             )
             for a, b in zip(bounds[:-1], bounds[1:], strict=True)
         ]
-        compute(*tasks, label=label, progress=progress)
-        return
+        return compute(*tasks, *along, label=label, progress=progress)[len(tasks) :]
     target = VolumeFileTarget(path, offset, array.shape, dtype)
-    store(array, target, label=label, progress=progress)
+    return store(array, target, label=label, progress=progress, along=along)
 
 
 def create_npy(path: str, shape, dtype, *, fortran_order: bool) -> int:
@@ -222,15 +246,16 @@ def create_npy(path: str, shape, dtype, *, fortran_order: bool) -> int:
     return offset
 
 
-def write_npy(array: da.Array, path: str, *, dtype=None, progress=None) -> None:
+def write_npy(array: da.Array, path: str, *, dtype=None, progress=None, along=()) -> tuple:
     """Write ``array`` (X, Y, Z, N) as a Fortran-ordered ``.npy`` file at ``path``.
 
     Each volume is one contiguous block of the file, so a volume read from the
-    result touches only its own pages.
+    result touches only its own pages.  Collections in ``along`` are computed in
+    the same pass; their results are returned.
     """
     dtype = np.dtype(dtype or array.dtype)
     offset = create_npy(path, array.shape, dtype, fortran_order=True)
-    store_volumes(array, path, offset, dtype, progress=progress)
+    return store_volumes(array, path, offset, dtype, progress=progress, along=along)
 
 
 def open_memmap(path: str, mode: str = "r") -> np.memmap:
@@ -250,5 +275,6 @@ __all__ = [
     "reserve",
     "store",
     "store_volumes",
+    "write_blocks",
     "write_npy",
 ]
