@@ -19,7 +19,7 @@ Tasks (each prints exactly one JSON line on stdout):
 Every line carries ``task``, ``wall_s`` (the work only: open + operation, imports
 excluded), ``maxrss_mb`` (peak RSS of this process) and ``baseline_mb`` (peak RSS right
 after the imports, before any work), as ``benchmarks/peer_nifreeze.py`` does for
-nifreeze.  Peak RSS is ``VmHWM`` (see :func:`_maxrss_mb`): a child's ``ru_maxrss``
+nifreeze.  Peak RSS is ``VmHWM`` (see ``_peak.py``): a child's ``ru_maxrss``
 starts at its parent's peak on Linux.  Dask runs on the threaded
 scheduler with ``--workers`` threads; the chunk budget is ``nidask.chunk-size``.
 """
@@ -29,9 +29,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
+
+from _peak import maxrss_mb
 
 TASKS = (
     "copy",
@@ -42,26 +43,6 @@ TASKS = (
     "resampled_to_nifti",
     "lofo_sweep",
 )
-
-
-def _maxrss_mb() -> float:
-    """Peak RSS of this process in MiB: ``VmHWM`` of /proc/self/status.
-
-    ``ru_maxrss`` is not used on Linux: the kernel carries the parent's peak RSS
-    over fork + exec into the child's ``ru_maxrss``, so a child started by a large
-    parent reports the parent's peak.  ``VmHWM`` belongs to the address space that
-    exec creates, so it starts from zero.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    # elsewhere ru_maxrss is the best there is (KiB on Linux, bytes on macOS)
-    scale = 2**20 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def _import_nidask() -> None:
@@ -245,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             "nidask.progress": False,
         }
         dask.config.set(config)
-    baseline = _maxrss_mb()
+    baseline = maxrss_mb()
 
     t0 = time.perf_counter()
     info = globals()[f"task_{args.task}"](args)
@@ -254,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "task": args.task,
         "wall_s": round(wall, 6),
-        "maxrss_mb": round(_maxrss_mb(), 3),
+        "maxrss_mb": round(maxrss_mb(), 3),
         "baseline_mb": round(baseline, 3),
         "workers": config.get("num_workers"),
         "chunk_size": config.get("nidask.chunk-size"),

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -36,6 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from _peak import maxrss_mb
 
 Post = Callable[[], dict] | None
 """What a task returns besides its info: checks computed after the clock stops."""
@@ -50,26 +51,6 @@ TASKS = (
     "write_h5",
     "read_h5",
 )
-
-
-def _maxrss_mb() -> float:
-    """Peak RSS of this process in MiB: ``VmHWM`` of /proc/self/status.
-
-    ``ru_maxrss`` is not used on Linux: the kernel carries the parent's peak RSS
-    over fork + exec into the child's ``ru_maxrss``, so a child started by a large
-    parent reports the parent's peak.  ``VmHWM`` belongs to the address space that
-    exec creates, so it starts from zero.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    # elsewhere ru_maxrss is the best there is (KiB on Linux, bytes on macOS)
-    scale = 2**20 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def _import_for(task: str) -> None:
@@ -400,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:
         warnings.simplefilter("ignore")
     _import_for(args.task)
-    baseline = _maxrss_mb()
+    baseline = maxrss_mb()
 
     func = globals()[f"task_{args.task}"]
     # Every nifreeze dataset calls tempfile.mkdtemp() at construction (its `_filepath`
@@ -418,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "task": args.task,
         "wall_s": round(wall, 6),
-        "maxrss_mb": round(_maxrss_mb(), 3),
+        "maxrss_mb": round(maxrss_mb(), 3),
         "baseline_mb": round(baseline, 3),
         **info,
         **checks,

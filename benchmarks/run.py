@@ -557,9 +557,10 @@ def run_sizes(ctx_args: argparse.Namespace, work: Path, meta: dict) -> dict:
             _target(
                 issue,
                 f"RSS flat across sizes: {label}",
-                f"within {FLAT_TOLERANCE:.0%}",
+                # issue 4 asks for the budget bound at every size (below), not flatness
+                f"within {FLAT_TOLERANCE:.0%}" if issue != 4 else "(shown)",
                 f"{sizes} (spread {spread:.1%})",
-                spread <= FLAT_TOLERANCE,
+                spread <= FLAT_TOLERANCE if issue != 4 else None,
             )
         )
         worst = max(values)

@@ -1,4 +1,5 @@
-"""Sinks stream: peak memory of materialize/to_filename/to_nifti follows the chunk budget.
+"""Sinks stream: peak memory of materialize/to_filename/to_nifti (resampled too) follows
+the chunk budget.
 
 Each sink runs in a child process on a ~600 MB int16 series with a 32 MiB chunk
 budget; the child reports its peak RSS (``ru_maxrss``, which also counts mapped
@@ -57,6 +58,10 @@ with dask.config.set({"nidask.chunk-size": "32MiB", "nidask.cache-dir": caches})
         os.link(m.memmap_path, output + ".cached")  # keep the bytes for the parent
     elif sink == "to_filename":
         ds.to_filename(output)
+    elif sink == "resampled":  # identity matrices: every volume interpolated, values kept
+        for i in range(len(ds)):
+            ds.set_transform(i, np.eye(4))
+        ds.to_nifti(output, order=1)
     else:
         ds.to_nifti(output)
     peak = peak_bytes()
@@ -79,7 +84,7 @@ def _volume(path, sink: str, k: int) -> np.ndarray:
     if sink == "to_filename":
         with h5py.File(path, "r") as f:
             return f["0/dataobj"][..., k]
-    if sink == "nii":
+    if sink in ("nii", "resampled"):
         return np.asanyarray(nb.load(path).dataobj[..., k])
     with gzip.open(path, "rb") as f:  # early volumes only: gzip seeks by decompressing
         f.seek(352 + k * VOLUME_BYTES)
@@ -94,6 +99,7 @@ def _volume(path, sink: str, k: int) -> np.ndarray:
         ("to_filename", "out.h5"),
         ("nii", "out.nii"),
         ("nii.gz", "out.nii.gz"),
+        ("resampled", "resampled.nii"),
     ],
 )
 def test_sink_peak_memory_follows_chunk_budget(sink, name, big_series, tmp_path):

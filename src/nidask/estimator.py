@@ -113,11 +113,29 @@ def _volume_meta(dataset) -> dict:
     return {}
 
 
+def _add_volume_sum(total: np.ndarray | None, source, start: int, stop: int) -> np.ndarray:
+    """Task: ``total`` plus the voxel-wise sum of volumes ``start:stop`` (read here)."""
+    part = source[..., start:stop].sum(axis=-1, dtype=np.float64)
+    return part if total is None else np.add(part, total, out=part)
+
+
 def default_mask(volumes: str, shape3d, fraction: float = 0.05) -> np.ndarray:
-    """Voxels whose mean signal exceeds ``fraction`` of its 99th percentile."""
+    """Voxels whose mean signal exceeds ``fraction`` of its 99th percentile.
+
+    The sum runs as a chain of tasks that each read one block and add it to the
+    running total, so memory stays at one block whatever the number of volumes
+    (a tree reduction holds one partial volume per block at once).
+    """
+    from .config import volumes_per_chunk
     from .sources import NpySource
 
-    mean = NpySource(volumes).to_dask().mean(axis=-1).compute()
+    source = NpySource(volumes)
+    n = source.shape[3]
+    step = volumes_per_chunk(source.shape[:3], source.dtype)
+    total = None
+    for start in range(0, n, step):
+        total = dask.delayed(_add_volume_sum)(total, source, start, min(start + step, n))
+    mean = total.compute() / n
     return mean > fraction * np.percentile(mean, 99)
 
 
@@ -291,10 +309,12 @@ class Estimator:
         mask = np.load(mask_path)
         voxel_meta = {}
         if isinstance(dataset, DWI) and dataset.bzero is not None:
-            bzero = np.asarray(dask.compute(dataset.bzero)[0])[grow_mask(mask)]
-            voxel_meta["bzero"] = self._step(
-                os.path.join(workdir, "bzero.npy"), lambda p: write_vector(p, bzero)
-            )
+
+            def write_bzero(path):  # computed only when the run has not recorded it yet
+                bzero = np.asarray(dask.compute(dataset.bzero)[0])[grow_mask(mask)]
+                write_vector(path, bzero)
+
+            voxel_meta["bzero"] = self._step(os.path.join(workdir, "bzero.npy"), write_bzero)
         return _Run(workdir, raw, mask, mask_path, voxel_meta)
 
     def _step(self, path: str, produce) -> str:

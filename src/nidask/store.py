@@ -121,9 +121,10 @@ def write_blocks(array: da.Array) -> da.Array:
 
     A chunk is the unit of reading, sized to the budget; a task that holds buffers
     beside its block (HDF5's conversions, gzip's output; resampling, see
-    :func:`nidask.resample.volumes_per_task`) works on half-budget blocks, so that
-    the two tasks of a two-core machine hold about one budget.  A file-backed array
-    is read in the smaller blocks directly (see :func:`nidask.sources.rechunk_volumes`).
+    :func:`nidask.resample.volumes_per_task`) works on half-budget blocks, so that a
+    block and its buffers together stay within about one budget.  A file-backed
+    array is read in the smaller blocks directly (see
+    :func:`nidask.sources.rechunk_volumes`).
     """
     volume_bytes = math.prod(array.shape[:3]) * array.dtype.itemsize
     return rechunk_volumes(array, max(1, chunk_bytes() // 2 // max(volume_bytes, 1)))

@@ -9,13 +9,18 @@ import resource
 import nidask
 
 
-def virtual_bytes() -> int:
-    """This process's address-space size (``VmSize``)."""
+def status_bytes(field: str) -> int:
+    """A size field of ``/proc/self/status`` (``VmSize``, ``VmRSS``, ...) in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmSize:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmSize in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def virtual_bytes() -> int:
+    """This process's address-space size (``VmSize``)."""
+    return status_bytes("VmSize")
 
 
 @contextlib.contextmanager

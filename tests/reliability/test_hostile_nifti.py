@@ -273,19 +273,7 @@ def test_random_bytes_never_crash(tmp_path_factory, content, suffix):
 def test_huge_declared_shape_opens_lazily_or_refuses(tmp_path, dims):
     """A 2**31-voxel volume opens lazily when the file is as long; a short file or 2**31
     volumes (per-volume bookkeeping would need gigabytes) are refused."""
-    spec = dict(
-        version=2,
-        dim=[4, *dims, 1, 1, 1],
-        code=2,
-        offset=544,
-        slope=1.0,
-        inter=0.0,
-        fraction=0.0,
-        zoom=2.0,
-        sform=1,
-        compressed=False,
-        seed=0,
-    )
+    spec = _spec(version=2, dim=[4, *dims, 1, 1, 1], code=2, offset=544, fraction=0.0)
     path = write_raw_nifti(tmp_path / "huge.nii", **spec)
     full = 544 + math.prod(dims)
     if full < 2**40:  # a sparse file as long as the header says: nothing is stored

@@ -17,6 +17,7 @@ import threading
 import dask
 import numpy as np
 import pytest
+from guards import status_bytes
 
 import nidask
 from conftest import write_hdf5_series, write_nifti
@@ -33,11 +34,7 @@ def open_descriptors() -> int:
 
 
 def resident_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
+    return status_bytes("VmRSS")
 
 
 def mappings_under(root) -> list[str]:

@@ -1,0 +1,31 @@
+"""Peak memory of the current process, shared by both benchmark task scripts (stdlib only).
+
+``benchmarks/_nidask_task.py`` and ``benchmarks/peer_nifreeze.py`` run under different
+interpreters (nidask's and the nifreeze venv's); both import this file from their own
+directory.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+
+def maxrss_mb() -> float:
+    """Peak RSS of this process in MiB: ``VmHWM`` of /proc/self/status.
+
+    ``ru_maxrss`` is not used on Linux: the kernel carries the parent's peak RSS
+    over fork + exec into the child's ``ru_maxrss``, so a child started by a large
+    parent reports the parent's peak.  ``VmHWM`` belongs to the address space that
+    exec creates, so it starts from zero.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    # elsewhere ru_maxrss is the best there is (KiB on Linux, bytes on macOS)
+    scale = 2**20 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
