@@ -13,6 +13,7 @@ import contextlib
 import os
 
 import attrs
+import dask
 import dask.array as da
 import numpy as np
 
@@ -226,9 +227,10 @@ def split_b0(
     if b0_index.size == 1:
         bzero = b0s[..., 0].astype(np.float32)
     else:
-        bzero = b0s.rechunk({3: -1}).map_blocks(
-            median_volume, drop_axis=3, dtype=np.float32, meta=np.empty((0, 0, 0), np.float32)
-        )
+        # one task on the block as read (map_blocks with drop_axis would copy it first)
+        (block,) = b0s.rechunk({3: -1}).to_delayed().ravel()
+        median = dask.delayed(median_volume, pure=True)(block)
+        bzero = da.from_delayed(median, shape=b0s.shape[:3], dtype=np.float32)
     return np.flatnonzero(~is_b0), bzero
 
 
