@@ -324,8 +324,8 @@ def test_to_filename_uses_the_same_machinery(source, tmp_path, monkeypatch, loca
     assert _data_section(tmp_path / "back.nii") == _data_section(reference)
 
 
-def test_buffering_writers_take_half_budget_blocks(source, tmp_path, monkeypatch):
-    """HDF5 and gzip writers hold a copy of their block: blocks are half a chunk budget."""
+def test_buffering_writers_take_small_blocks(source, tmp_path, monkeypatch):
+    """HDF5 and gzip writers hold a copy of their block: blocks are a quarter budget."""
     path, data, _ = source
     h5_blocks = _counting_target(monkeypatch, store.HDF5Target)
     gz_blocks = _counting_target(monkeypatch, nifti.GzipMemberTarget)

@@ -333,8 +333,8 @@ def volumes_per_task(shape3d, dtype, order: int, budget: int | None = None) -> i
     A task holds its input block, its float32 output block and one volume of
     scratch: scipy's float64 spline coefficients for ``order > 1``, or a float32
     copy of an input that scipy cannot read natively.  The default budget is half
-    of ``nidask.chunk-size``, as for the other writers that hold more than their
-    input (see :func:`nidask.store.write_blocks`).
+    of ``nidask.chunk-size``: every task that holds more than its input keeps its
+    working set within half the budget (see :func:`nidask.store.write_blocks`).
 
     >>> volumes_per_task((10, 10, 10), "int16", order=3, budget=60_000)
     8

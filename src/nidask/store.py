@@ -117,17 +117,17 @@ class HDF5Target:
 
 
 def write_blocks(array: da.Array) -> da.Array:
-    """``array`` in blocks of at most half the chunk budget, for writers that hold a copy.
+    """``array`` in blocks of at most a quarter of the chunk budget, for buffering writers.
 
-    A chunk is the unit of reading, sized to the budget; a task that holds buffers
-    beside its block (HDF5's conversions, gzip's output; resampling, see
-    :func:`nidask.resample.volumes_per_task`) works on half-budget blocks, so that a
-    block and its buffers together stay within about one budget.  A file-backed
-    array is read in the smaller blocks directly (see
-    :func:`nidask.sources.rechunk_volumes`).
+    A chunk is the unit of reading, sized to the budget; every task that holds more
+    than its input keeps its working set within half the budget.  HDF5 conversions
+    and gzip output can be as large as the block they come from, so these writers
+    take quarter-budget blocks (resampling sizes its own, see
+    :func:`nidask.resample.volumes_per_task`).  A file-backed array is read in the
+    smaller blocks directly (see :func:`nidask.sources.rechunk_volumes`).
     """
     volume_bytes = math.prod(array.shape[:3]) * array.dtype.itemsize
-    return rechunk_volumes(array, max(1, chunk_bytes() // 2 // max(volume_bytes, 1)))
+    return rechunk_volumes(array, max(1, chunk_bytes() // 4 // max(volume_bytes, 1)))
 
 
 def presize(path: str, nbytes: int) -> None:
