@@ -19,8 +19,10 @@ from nidask.resample import (
     resample_series,
     resample_volume,
     rotate_bvecs,
+    volumes_per_task,
     voxel_matrices,
 )
+from nidask.sources import NiftiSource
 
 SHAPE = (24, 28, 20)
 SCALE = 1000.0  # peak signal of the phantoms
@@ -255,6 +257,35 @@ def test_chunking_dtype_shape():
     vm = voxel_matrices(AFFINE, motions)
     for k in range(6):
         np.testing.assert_array_equal(a[..., k], resample_volume(data[..., k], vm[k], 1))
+
+
+def test_blocks_fit_half_the_chunk_budget(tmp_path, monkeypatch):
+    """Input + float32 output + scratch of a task stay within half ``nidask.chunk-size``;
+    a file-backed series is re-read in the smaller blocks (each reads its own volumes)."""
+    data = np.concatenate([_series(3), _series(3)[..., ::-1]], axis=-1)
+    motions = np.concatenate([MOTIONS, MOTIONS[::-1]])
+    path = tmp_path / "series.nii"
+    nb.Nifti1Image(data, AFFINE).to_filename(path)
+    voxels = data[..., 0].size
+    per_task = 2  # volumes whose input, output and one volume of scratch fit
+    budget = 2 * (per_task * voxels * (data.dtype.itemsize + 4) + voxels * 8)
+    assert volumes_per_task(data.shape[:3], data.dtype, 3, budget=budget // 2) == per_task
+    reads = []
+    original = NiftiSource.read
+
+    def read(self, index):
+        reads.append(index[3].indices(self.shape[3])[:2])
+        return original(self, index)
+
+    monkeypatch.setattr(NiftiSource, "read", read)
+    with dask.config.set({"nidask.chunk-size": budget}):
+        series = NiftiSource(path).to_dask(per_chunk=6)
+        out = resample_series(series, AFFINE, motions, order=3)
+    assert out.chunks[3] == (2, 2, 2)
+    result = out.compute()
+    assert sorted(reads) == [(0, 2), (2, 4), (4, 6)]  # never the 6-volume chunk
+    expected = resample_series(da.from_array(data, chunks=-1), AFFINE, motions, order=3)
+    np.testing.assert_array_equal(result, expected.compute())
 
 
 def test_spatial_chunks_are_merged():
