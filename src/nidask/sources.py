@@ -412,6 +412,21 @@ class GzipNiftiSource(NiftiSource):
         self.ensure_decompressed()
         return super().locate()
 
+    def _decompress(self) -> None:
+        """Decompress the file into ``data_path`` through a ``.part`` file (under the lock)."""
+        partial = self.data_path + ".part"
+        try:
+            with gzip.open(self.path, "rb") as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst, COPY_BLOCK)
+            self._check_size(partial)
+            os.replace(partial, self.data_path)
+        except (OSError, EOFError, zlib.error, InputError) as exc:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial)
+            if isinstance(exc, InputError):
+                raise
+            raise InputError(f"corrupt or truncated gzip data ({exc})", self.path) from exc
+
     def ensure_decompressed(self) -> str:
         """Decompress into the cache unless done already; return the cache path."""
         if os.path.exists(self.data_path):
@@ -419,24 +434,18 @@ class GzipNiftiSource(NiftiSource):
         directory = os.path.dirname(self.data_path)
         if not os.path.isdir(directory):
             raise InputError("the dataset's cache was removed (dataset closed?)", self.path)
-        with open(self.data_path + ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not os.path.exists(self.data_path):
-                partial = self.data_path + ".part"
-                try:
-                    with gzip.open(self.path, "rb") as src, open(partial, "wb") as dst:
-                        shutil.copyfileobj(src, dst, COPY_BLOCK)
-                    self._check_size(partial)
-                    os.replace(partial, self.data_path)
-                except (OSError, EOFError, zlib.error, InputError) as exc:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(partial)
-                    if isinstance(exc, InputError):
-                        raise
-                    raise InputError(f"corrupt or truncated gzip data ({exc})", self.path) from exc
-                finally:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.data_path + ".lock")
+        lock_path = self.data_path + ".lock"
+        with open(lock_path, "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not os.path.exists(self.data_path):
+                    self._decompress()
+            finally:
+                # every holder removes the lock's name before releasing it (not only the
+                # one that decompressed), so none is left behind; a later arrival that
+                # creates a new lock file finds the data already there
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lock_path)
         return self.data_path
 
 
