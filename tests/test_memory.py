@@ -16,12 +16,15 @@ SHAPE = (128, 128, 64, 500)  # 1.05 GB of int16
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(nidask.__file__)))
 
 CHILD = r"""
-import json, resource, sys
+import json, sys
 import dask, nibabel, numpy as np
 import nidask
 
 def peak_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's peak
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["VmHWM"].split()[0]) * 1024
 
 baseline = peak_bytes()
 ds = nidask.load(sys.argv[1])

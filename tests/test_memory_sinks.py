@@ -2,8 +2,8 @@
 the chunk budget.
 
 Each sink runs in a child process on a ~600 MB int16 series with a 32 MiB chunk
-budget; the child reports its peak RSS (``ru_maxrss``, which also counts mapped
-file pages) above its resident size after the imports.
+budget; the child reports its peak RSS (``VmHWM``, which also counts mapped file
+pages) above its resident size after the imports.
 """
 
 from __future__ import annotations
@@ -33,12 +33,16 @@ LIMIT = 8 * CHUNK
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(nidask.__file__)))
 
 CHILD = r"""
-import json, os, resource, sys
+import json, os, sys
 import dask, h5py, nibabel, numpy as np
 import nidask
 
 def peak_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's peak (the
+    # pytest process, whatever the earlier tests made it hold)
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["VmHWM"].split()[0]) * 1024
 
 def current_bytes():
     with open("/proc/self/status") as f:

@@ -5,6 +5,9 @@
     Peak memory of every streamed operation follows this budget.
 ``nidask.cache-dir``
     Directory under which owned caches are created (default: the system temp dir).
+``nidask.kernels``
+    ``"auto"`` (default): resample with the compiled kernels of :mod:`nidask.kernels`
+    where numba is installed; ``"scipy"``: always with ``scipy.ndimage``.
 
 Set them like any dask setting::
 
@@ -21,7 +24,7 @@ import dask
 import numpy as np
 from dask.utils import parse_bytes
 
-DEFAULTS = {"nidask": {"chunk-size": "64MiB", "cache-dir": None}}
+DEFAULTS = {"nidask": {"chunk-size": "64MiB", "cache-dir": None, "kernels": "auto"}}
 dask.config.update_defaults(DEFAULTS)
 
 

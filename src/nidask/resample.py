@@ -43,6 +43,7 @@ import dask.array as da
 import numpy as np
 from scipy import ndimage as ndi
 
+from nidask import kernels
 from nidask.config import chunk_bytes
 from nidask.errors import InputError
 from nidask.sources import rechunk_volumes
@@ -255,9 +256,16 @@ def _as_interpolable(volume: np.ndarray) -> np.ndarray:
 
 
 def _resample_into(volume, matrix, order, mode, cval, output) -> np.ndarray:
-    """Resample one 3D volume into ``output`` (float32, same shape); no validation."""
+    """Resample one 3D volume into ``output`` (float32, same shape); no validation.
+
+    Compiled kernels (:mod:`nidask.kernels`, with numba) serve ``mode="constant"`` at
+    orders 1 and 3 with scipy's values; scipy serves everything else.
+    """
+    volume = _as_interpolable(volume)
+    if kernels.available(order, mode) and volume.ndim == 3:
+        return kernels.affine_transform(volume, matrix, order, cval, output)
     return ndi.affine_transform(
-        _as_interpolable(volume),
+        volume,
         matrix[:3, :3],
         offset=matrix[:3, 3],
         output=output,
