@@ -54,6 +54,9 @@ def _import_nidask() -> None:
     import dask  # noqa: F401
     import dask.array  # noqa: F401
     import distributed  # noqa: F401  (dask imports it at the first compute)
+
+    if importlib.util.find_spec("numba") is not None:
+        import numba  # noqa: F401  (nidask.kernels imports it at the first resampling)
     import h5py  # noqa: F401
     import nibabel  # noqa: F401
     import numpy  # noqa: F401
