@@ -131,6 +131,19 @@ def open_kind(path, kind: str, cache: Cache) -> VolumeSource:
     return NpySource(path)
 
 
+def record_reads(monkeypatch, cls) -> list[tuple[int, int]]:
+    """Record the (start, stop) file volumes of every ``cls.read`` call from now on."""
+    reads = []
+    original = cls.read
+
+    def read(self, index):
+        reads.append(index[3].indices(self.shape[3])[:2])
+        return original(self, index)
+
+    monkeypatch.setattr(cls, "read", read)
+    return reads
+
+
 def graph_sources(collection) -> list[VolumeSource]:
     """Every file source referenced by a dask collection's graph (selections unwrapped)."""
     found: dict[int, VolumeSource] = {}

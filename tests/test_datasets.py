@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 import nidask
-from conftest import N_B0, N_DIRECTIONS, N_FRAMES, SHAPE3D, graph_sources, write_nifti
+from conftest import (
+    N_B0,
+    N_DIRECTIONS,
+    N_FRAMES,
+    SHAPE3D,
+    graph_sources,
+    record_reads,
+    write_nifti,
+)
 from nidask import DWI, PET, BaseDataset
 from nidask.sources import NiftiSource, VolumeSelection, source_of
 
@@ -170,14 +178,7 @@ def test_select_keeps_type_and_fields(dwi, dwi_phantom):
 
 def test_one_volume_of_a_dwi_reads_one_volume(dwi, dwi_phantom, monkeypatch):
     """``dwi[i]`` reads file volume ``original_index[i]`` only (not its whole chunk)."""
-    reads = []
-    original = NiftiSource.read
-
-    def read(self, index):
-        reads.append(index[3].indices(self.shape[3])[:2])
-        return original(self, index)
-
-    monkeypatch.setattr(NiftiSource, "read", read)
+    reads = record_reads(monkeypatch, NiftiSource)
     volume = dwi[3][0].compute()
     file_volume = int(dwi.original_index[3])
     assert reads == [(file_volume, file_volume + 1)]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
+from conftest import record_reads
 from nidask import resample
 from nidask.errors import InputError
 from nidask.resample import (
@@ -270,14 +271,7 @@ def test_blocks_fit_half_the_chunk_budget(tmp_path, monkeypatch):
     per_task = 2  # volumes whose input, output and one volume of scratch fit
     budget = 2 * (per_task * voxels * (data.dtype.itemsize + 4) + voxels * 8)
     assert volumes_per_task(data.shape[:3], data.dtype, 3, budget=budget // 2) == per_task
-    reads = []
-    original = NiftiSource.read
-
-    def read(self, index):
-        reads.append(index[3].indices(self.shape[3])[:2])
-        return original(self, index)
-
-    monkeypatch.setattr(NiftiSource, "read", read)
+    reads = record_reads(monkeypatch, NiftiSource)
     with dask.config.set({"nidask.chunk-size": budget}):
         series = NiftiSource(path).to_dask(per_chunk=6)
         out = resample_series(series, AFFINE, motions, order=3)

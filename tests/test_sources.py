@@ -23,6 +23,7 @@ from conftest import (
     SOURCE_KINDS,
     graph_sources,
     open_kind,
+    record_reads,
     reference_data,
     write_bvec_bval,
     write_nifti,
@@ -61,19 +62,6 @@ def test_values_match_library_read(kind, source_files, cache):
     np.testing.assert_array_equal(array[..., 7].compute(), expected[..., 7])
 
 
-def _recording_reads(monkeypatch, source) -> list[tuple[int, int]]:
-    """Record the (start, stop) file volumes of every read of ``source``'s class."""
-    reads = []
-    original = type(source).read
-
-    def read(self, index):
-        reads.append(index[3].indices(self.shape[3])[:2])
-        return original(self, index)
-
-    monkeypatch.setattr(type(source), "read", read)
-    return reads
-
-
 @pytest.mark.parametrize("kind", SOURCE_KINDS)
 def test_reads_only_the_volumes_asked_for(kind, source_files, cache, monkeypatch):
     """A volume, a slice or a selection reads its own volumes, not whole chunks."""
@@ -81,7 +69,7 @@ def test_reads_only_the_volumes_asked_for(kind, source_files, cache, monkeypatch
     expected = reference_data(path, kind)
     source = open_kind(path, kind, cache)
     array = source.to_dask(per_chunk=5)
-    reads = _recording_reads(monkeypatch, source)
+    reads = record_reads(monkeypatch, type(source))
     np.testing.assert_array_equal(array[..., 7].compute(), expected[..., 7])
     assert reads == [(7, 8)]
     reads.clear()
