@@ -317,9 +317,9 @@ def test_tasks_receive_only_their_matrices(monkeypatch):
     seen = []
     original = resample._resample_block
 
-    def spy(block, matrices, order, mode, cval):
+    def spy(block, matrices, **options):
         seen.append((block.shape[-1], matrices.copy()))
-        return original(block, matrices, order, mode, cval)
+        return original(block, matrices, **options)
 
     monkeypatch.setattr(resample, "_resample_block", spy)
     motions = np.concatenate([MOTIONS, MOTIONS[:2]])  # 5 volumes

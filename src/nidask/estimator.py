@@ -36,6 +36,7 @@ from dask.base import tokenize
 from scipy import ndimage
 
 from .cache import atomic_output, remove_stale_temporaries
+from .config import volumes_per_chunk
 from .dmri import DWI
 from .errors import InputError
 from .lofo import (
@@ -50,7 +51,7 @@ from .models import get_model
 from .pet import PET
 from .progress import compute
 from .registration import get_registration
-from .sources import read_npy_header
+from .sources import NpySource, read_npy_header
 
 RUN_FILE = "run.json"
 
@@ -126,9 +127,6 @@ def default_mask(volumes: str, shape3d, fraction: float = 0.05) -> np.ndarray:
     running total, so memory stays at one block whatever the number of volumes
     (a tree reduction holds one partial volume per block at once).
     """
-    from .config import volumes_per_chunk
-    from .sources import NpySource
-
     source = NpySource(volumes)
     n = source.shape[3]
     step = volumes_per_chunk(source.shape[:3], source.dtype)

@@ -37,6 +37,11 @@ def available(order: int, mode: str) -> bool:
         return False
     if dask.config.get("nidask.kernels", "auto") == "scipy":
         return False
+    return _numba_installed()
+
+
+@functools.cache
+def _numba_installed() -> bool:
     return importlib.util.find_spec("numba") is not None
 
 
@@ -53,30 +58,16 @@ def _build():
         return cx < 0.0 or cy < 0.0 or cz < 0.0 or cx > nx - 1 or cy > ny - 1 or cz > nz - 1
 
     @numba.njit(nogil=True, cache=False)
-    def _linear(volume, matrix, offset, cval, out):  # pragma: no cover - compiled
+    def _linear_at(volume, cx, cy, cz, scratch):  # pragma: no cover - compiled
         nx, ny, nz = volume.shape
-        for k in range(out.shape[2]):
-            for j in range(out.shape[1]):
-                bx = matrix[0, 1] * j + matrix[0, 2] * k + offset[0]
-                by = matrix[1, 1] * j + matrix[1, 2] * k + offset[1]
-                bz = matrix[2, 1] * j + matrix[2, 2] * k + offset[2]
-                for i in range(out.shape[0]):
-                    cx = bx + matrix[0, 0] * i
-                    cy = by + matrix[1, 0] * i
-                    cz = bz + matrix[2, 0] * i
-                    if _outside(cx, cy, cz, nx, ny, nz):
-                        out[i, j, k] = cval
-                        continue
-                    x0, y0, z0 = int(cx), int(cy), int(cz)
-                    x1, y1, z1 = min(x0 + 1, nx - 1), min(y0 + 1, ny - 1), min(z0 + 1, nz - 1)
-                    fx, fy, fz = cx - x0, cy - y0, cz - z0
-                    c00 = volume[x0, y0, z0] * (1 - fx) + volume[x1, y0, z0] * fx
-                    c10 = volume[x0, y1, z0] * (1 - fx) + volume[x1, y1, z0] * fx
-                    c01 = volume[x0, y0, z1] * (1 - fx) + volume[x1, y0, z1] * fx
-                    c11 = volume[x0, y1, z1] * (1 - fx) + volume[x1, y1, z1] * fx
-                    c0 = c00 * (1 - fy) + c10 * fy
-                    c1 = c01 * (1 - fy) + c11 * fy
-                    out[i, j, k] = c0 * (1 - fz) + c1 * fz
+        x0, y0, z0 = int(cx), int(cy), int(cz)
+        x1, y1, z1 = min(x0 + 1, nx - 1), min(y0 + 1, ny - 1), min(z0 + 1, nz - 1)
+        fx, fy, fz = cx - x0, cy - y0, cz - z0
+        c00 = volume[x0, y0, z0] * (1 - fx) + volume[x1, y0, z0] * fx
+        c10 = volume[x0, y1, z0] * (1 - fx) + volume[x1, y1, z0] * fx
+        c01 = volume[x0, y0, z1] * (1 - fx) + volume[x1, y0, z1] * fx
+        c11 = volume[x0, y1, z1] * (1 - fx) + volume[x1, y1, z1] * fx
+        return (c00 * (1 - fy) + c10 * fy) * (1 - fz) + (c01 * (1 - fy) + c11 * fy) * fz
 
     @numba.njit(nogil=True, cache=False, inline="always")
     def _mirror(index, n):  # pragma: no cover - compiled
@@ -89,24 +80,48 @@ def _build():
         return period - index if index >= n else index
 
     @numba.njit(nogil=True, cache=False, inline="always")
-    def _cubic_weights(t, weights):  # pragma: no cover - compiled
+    def _support(c, n, weights, indices):  # pragma: no cover - compiled
+        """Cubic B-spline weights and (mirrored) coefficient indices along one axis."""
+        f = np.floor(c)
+        t = c - f
         t2 = t * t
         t3 = t2 * t
         weights[0] = (1.0 - t) ** 3 / 6.0
         weights[1] = (3.0 * t3 - 6.0 * t2 + 4.0) / 6.0
         weights[2] = (-3.0 * t3 + 3.0 * t2 + 3.0 * t + 1.0) / 6.0
         weights[3] = t3 / 6.0
+        for a in range(4):
+            indices[a] = _mirror(int(f) - 1 + a, n)
 
-    # The two kernels share their loops but stay two functions, so that each one
-    # compiles to its own tight loop with no per-voxel branch.
     @numba.njit(nogil=True, cache=False)
-    def _cubic(coef, matrix, offset, cval, out):  # pragma: no cover - compiled
+    def _cubic_at(coef, cx, cy, cz, scratch):  # pragma: no cover - compiled
+        weights, indices = scratch  # (3, 4) float64, (3, 4) int64: one row per axis
         nx, ny, nz = coef.shape
-        wx, wy, wz = np.empty(4), np.empty(4), np.empty(4)
-        ix = np.empty(4, np.int64)
-        iy = np.empty(4, np.int64)
-        iz = np.empty(4, np.int64)
-        for k in range(out.shape[2]):
+        _support(cx, nx, weights[0], indices[0])
+        _support(cy, ny, weights[1], indices[1])
+        _support(cz, nz, weights[2], indices[2])
+        wx, wy, wz = weights[0], weights[1], weights[2]
+        ix, iy, iz = indices[0], indices[1], indices[2]
+        total = 0.0
+        for c in range(4):
+            plane = 0.0
+            for b in range(4):
+                line = 0.0
+                for a in range(4):
+                    line += coef[ix[a], iy[b], iz[c]] * wx[a]
+                plane += line * wy[b]
+            total += plane * wz[c]
+        return total
+
+    @numba.njit(nogil=True, cache=False)
+    def _transform(data, matrix, offset, cval, out, sample, scratch):  # pragma: no cover
+        """Output voxel (i, j, k) is ``sample(data, *(matrix @ (i, j, k) + offset))``.
+
+        ``sample`` is itself a compiled function, so numba compiles one loop per
+        interpolator, with no per-voxel dispatch.
+        """
+        nx, ny, nz = data.shape
+        for k in range(out.shape[2]):  # Fortran order: i varies fastest in memory
             for j in range(out.shape[1]):
                 bx = matrix[0, 1] * j + matrix[0, 2] * k + offset[0]
                 by = matrix[1, 1] * j + matrix[1, 2] * k + offset[1]
@@ -117,32 +132,14 @@ def _build():
                     cz = bz + matrix[2, 0] * i
                     if _outside(cx, cy, cz, nx, ny, nz):
                         out[i, j, k] = cval
-                        continue
-                    fx, fy, fz = np.floor(cx), np.floor(cy), np.floor(cz)
-                    _cubic_weights(cx - fx, wx)
-                    _cubic_weights(cy - fy, wy)
-                    _cubic_weights(cz - fz, wz)
-                    sx, sy, sz = int(fx) - 1, int(fy) - 1, int(fz) - 1
-                    for a in range(4):
-                        ix[a] = _mirror(sx + a, nx)
-                        iy[a] = _mirror(sy + a, ny)
-                        iz[a] = _mirror(sz + a, nz)
-                    total = 0.0
-                    for c in range(4):
-                        plane = 0.0
-                        for b in range(4):
-                            line = 0.0
-                            for a in range(4):
-                                line += coef[ix[a], iy[b], iz[c]] * wx[a]
-                            plane += line * wy[b]
-                        total += plane * wz[c]
-                    out[i, j, k] = total
+                    else:
+                        out[i, j, k] = sample(data, cx, cy, cz, scratch)
 
-    return _linear, _cubic
+    return _transform, _linear_at, _cubic_at
 
 
 def _compiled():
-    """The compiled kernels ``(linear, cubic)``; numba is imported on the first call."""
+    """``(transform, linear, cubic)`` kernels; numba is imported on the first call."""
     with _BUILD_LOCK:  # one thread builds them, the others wait
         return _build()
 
@@ -156,11 +153,12 @@ def affine_transform(volume, matrix, order: int, cval: float, output) -> np.ndar
     """
     linear = np.ascontiguousarray(matrix[:3, :3], dtype=np.float64)
     offset = np.ascontiguousarray(matrix[:3, 3], dtype=np.float64)
-    linear_kernel, cubic_kernel = _compiled()
+    transform, linear_at, cubic_at = _compiled()
+    scratch = (np.empty((3, 4)), np.empty((3, 4), np.int64))  # the cubic weights/indices
     if order == 1:
-        linear_kernel(volume, linear, offset, float(cval), output)
+        transform(volume, linear, offset, float(cval), output, linear_at, scratch)
     else:
         # scipy's own prefilter (float64, mirror-extended as for mode="constant")
         coef = ndi.spline_filter(volume, order=3, output=np.float64, mode="constant")
-        cubic_kernel(np.asfortranarray(coef), linear, offset, float(cval), output)
+        transform(np.asfortranarray(coef), linear, offset, float(cval), output, cubic_at, scratch)
     return output

@@ -255,14 +255,14 @@ def _as_interpolable(volume: np.ndarray) -> np.ndarray:
     return volume
 
 
-def _resample_into(volume, matrix, order, mode, cval, output) -> np.ndarray:
+def _resample_into(volume, matrix, order, mode, cval, output, compiled) -> np.ndarray:
     """Resample one 3D volume into ``output`` (float32, same shape); no validation.
 
-    Compiled kernels (:mod:`nidask.kernels`, with numba) serve ``mode="constant"`` at
-    orders 1 and 3 with scipy's values; scipy serves everything else.
+    ``compiled``: use :mod:`nidask.kernels` (scipy's values, with numba), decided
+    where the graph is built (:func:`nidask.kernels.available`); else scipy.
     """
     volume = _as_interpolable(volume)
-    if kernels.available(order, mode) and volume.ndim == 3:
+    if compiled:
         return kernels.affine_transform(volume, matrix, order, cval, output)
     return ndi.affine_transform(
         volume,
@@ -317,10 +317,11 @@ def resample_volume(
     order = check_order(order)
     mode = _check_mode(mode)
     output = np.empty(volume.shape, dtype=np.float32)
-    return _resample_into(volume, matrix, order, mode, float(cval), output)
+    compiled = kernels.available(order, mode)
+    return _resample_into(volume, matrix, order, mode, float(cval), output, compiled)
 
 
-def _resample_block(block, matrices, order, mode, cval):
+def _resample_block(block, matrices, order, mode, cval, compiled):
     """Dask task: resample the volumes of one (X, Y, Z, n) block.
 
     ``matrices`` is the (n, 4, 4) stack of voxel matrices of this block's volumes
@@ -331,7 +332,7 @@ def _resample_block(block, matrices, order, mode, cval):
         raise InputError(f"block holds {n} volumes but {matrices.shape[0]} matrices")
     out = np.empty(block.shape, dtype=np.float32, order="F")
     for i in range(n):
-        _resample_into(block[..., i], matrices[i], order, mode, cval, out[..., i])
+        _resample_into(block[..., i], matrices[i], order, mode, cval, out[..., i], compiled)
     return out
 
 
@@ -438,6 +439,8 @@ def resample_series(
         order=order,
         mode=mode,
         cval=cval,
+        # read here, where the graph is built, like every nidask setting
+        compiled=kernels.available(order, mode),
     )
 
 

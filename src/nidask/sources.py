@@ -275,7 +275,6 @@ class VolumeSelection(VolumeSource):
             self.base.read((*index[:3], slice(int(r[0]), int(r[-1]) + 1)))
             for r in volume_runs(wanted)
         ]
-        parts = [np.asarray(part, dtype=self.dtype) for part in parts]
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=3)
 
     def copyable(self) -> bool:
