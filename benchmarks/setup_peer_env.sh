@@ -7,6 +7,11 @@
 #
 #   NIDASK_PEER_VENV   where the venv lives (default: ~/.cache/nidask/nifreeze-venv)
 #   NIDASK_PEER_PYTHON interpreter used to create it (default: python3.11, else python3)
+#   NIDASK_PEER_ANTS   set to 1 to add antspyx (ANTs) to the same venv, plus an
+#                      executable "$VENV/bin/antsRegistration" that runs antspyx's
+#                      ANTs command-line main (nifreeze's Estimator calls it through
+#                      nipype; benchmarks/peer_ants.py imports antspyx). Unset: nothing
+#                      ANTs-related is checked or installed.
 #
 # Idempotent: an existing venv is reused; pip runs only when the pinned set is not
 # importable at the pinned versions. The last line printed is the venv's python path.
@@ -61,6 +66,78 @@ else
     "$PY" -m pip install --quiet --disable-pip-version-check "${PACKAGES[@]}" >&2
     if ! check_env; then
         echo "setup_peer_env: nifreeze peer environment is not importable" >&2
+        exit 1
+    fi
+fi
+
+if [[ "${NIDASK_PEER_ANTS:-}" == "1" ]]; then
+    # antspyx wheels need numpy<2.4 and scipy<1.16; nifreeze 0.1.0 accepts both, so one
+    # venv holds the two (pip moves scipy down to 1.15.x next to nifreeze's stack).
+    ANTS_PACKAGES=(
+        "antspyx"
+        "numpy>=1.26,<2.4"
+        "scipy<1.16"
+        "nifreeze==0.1.0"
+    )
+    SHIM="$VENV/bin/antsRegistration"
+
+    check_ants() {
+        "$PY" - <<'EOF' 2>/dev/null
+import scipy
+
+assert tuple(int(p) for p in scipy.__version__.split(".")[:2]) < (1, 16), scipy.__version__
+import ants
+
+assert callable(ants.lib.antsRegistration)
+EOF
+    }
+
+    if check_ants; then
+        echo "setup_peer_env: antspyx already present" >&2
+    else
+        echo "setup_peer_env: installing ${ANTS_PACKAGES[*]}" >&2
+        "$PY" -m pip install --quiet --disable-pip-version-check "${ANTS_PACKAGES[@]}" >&2
+        if ! check_ants || ! check_env; then
+            echo "setup_peer_env: antspyx and nifreeze 0.1.0 do not co-install" >&2
+            exit 1
+        fi
+    fi
+
+    # antsRegistration on PATH for nipype: antspyx ships the ANTs main as a library
+    # call, ants.lib.antsRegistration(argv without the program name) -> exit code.
+    # The shim loads that extension module alone: "import ants" runs the package's
+    # __init__ (2 s and 200 MB per call here), which a real ANTs binary does not cost.
+    SHIM_TEXT="#!$PY
+\"\"\"antsRegistration through antspyx (written by benchmarks/setup_peer_env.sh).\"\"\"
+
+import importlib.util
+import sys
+from pathlib import Path
+
+
+def _ants_lib():
+    try:
+        package = Path(importlib.util.find_spec(\"ants\").submodule_search_locations[0])
+        spec = importlib.util.spec_from_file_location(
+            \"ants.lib\", next(package.glob(\"lib.*.so\"))
+        )
+        lib = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(lib)
+        return lib
+    except Exception:  # another antspyx layout: the documented way
+        import ants
+
+        return ants.lib
+
+
+sys.exit(int(_ants_lib().antsRegistration(sys.argv[1:]) or 0))"
+    if [[ ! -x "$SHIM" ]] || [[ "$(cat "$SHIM")" != "$SHIM_TEXT" ]]; then
+        printf '%s\n' "$SHIM_TEXT" >"$SHIM"
+        chmod 755 "$SHIM"
+        echo "setup_peer_env: wrote $SHIM" >&2
+    fi
+    if ! "$SHIM" --version >/dev/null 2>&1; then
+        echo "setup_peer_env: $SHIM --version failed" >&2
         exit 1
     fi
 fi

@@ -16,7 +16,7 @@ import pytest
 import nidask
 from nidask.estimator import Estimator, read_volume
 from nidask.evaluation import motion_errors
-from nidask.phantom import make_dwi, make_pet
+from nidask.phantom import make_dwi, make_hcp_like, make_pet
 
 
 @pytest.fixture(scope="module")
@@ -82,17 +82,19 @@ def test_run_directory_records_every_fold_and_is_reused(small_dwi, tmp_path):
     workdir = tmp_path / "run"
     first = Estimator(passes=1).run(dwi, workdir=workdir).motion_affines
     records = sorted(os.listdir(workdir / "pass-1"))
-    assert [r for r in records if r.startswith("fold-")] == [
-        f"fold-{i:05d}.npy" for i in range(len(dwi))
+    n = len(dwi.whole_series())  # the b=0 volumes are estimated too
+    assert [r for r in records if r.startswith("fold-") and r.endswith(".npy")] == [
+        f"fold-{i:05d}.npy" for i in range(n)
     ]
-    # a finished run is not recomputed: poisoned records are returned as they are
-    np.save(workdir / "pass-1" / "fold-00000.npy", np.diag([2.0, 2, 2, 1]))
+    # a finished run is not recomputed: a poisoned record is returned as it is
+    poison = np.diag([2.0, 2, 2, 1])
+    np.save(workdir / "pass-1" / "motion.npy", np.tile(poison, (n, 1, 1)))
     again = Estimator(passes=1).run(dwi, workdir=workdir).motion_affines
-    np.testing.assert_array_equal(again[0], np.diag([2.0, 2, 2, 1]))
-    np.testing.assert_array_equal(again[1:], first[1:])
+    np.testing.assert_array_equal(again, np.tile(poison, (len(dwi), 1, 1)))
+    assert not np.allclose(first, poison)
     # the materialized series is volume-contiguous and holds the data
     np.testing.assert_array_equal(
-        read_volume(str(workdir / "data.npy"), 3), dwi.dataobj[..., 3].compute()
+        read_volume(str(workdir / "data.npy"), 3), dwi.whole_series().dataobj[..., 3].compute()
     )
 
 
@@ -157,10 +159,82 @@ def test_estimator_options_are_checked(small_dwi):
 def test_sweep_predicts_every_fold_without_copies(small_dwi, tmp_path):
     _, dwi = small_dwi
     predictions = Estimator(model="average").sweep(dwi, workdir=tmp_path / "sweep")
-    assert isinstance(predictions, np.memmap) and predictions.shape[1] == len(dwi)
+    whole = dwi.whole_series()
+    assert isinstance(predictions, np.memmap) and predictions.shape[1] == len(whole)
     mask = np.load(tmp_path / "sweep" / "mask.npy")
     grown = nidask.estimator.grow_mask(mask)
-    data = dwi.dataobj.compute().astype(np.float64)
-    data = data.reshape(-1, len(dwi), order="F")[nidask.lofo.mask_index(grown)]
-    expected = (data.sum(1, keepdims=True) - data) / (len(dwi) - 1)  # one shell
-    np.testing.assert_allclose(predictions, expected, rtol=1e-5)
+    data = whole.dataobj.compute().astype(np.float64)
+    data = data.reshape(-1, len(whole), order="F")[nidask.lofo.mask_index(grown)]
+    for shell in (whole.bvals == 0, whole.bvals > 0):  # b=0 and one shell
+        values = data[:, shell]
+        expected = (values.sum(1, keepdims=True) - values) / (shell.sum() - 1)
+        np.testing.assert_allclose(predictions[:, shell], expected, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def multishell(tmp_path_factory):
+    """Two shells and interleaved, moving b=0 volumes, realistic motion: HCP-like, small."""
+    directory = tmp_path_factory.mktemp("estimator-multishell")
+    phantom = make_hcp_like(
+        directory,
+        shape3d=(36, 40, 32),
+        zooms=(3.5, 3.5, 3.5),
+        n_per_shell=20,
+        n_b0=6,
+        bvalues=(1000.0, 2000.0),
+        seed=1,
+    )
+    return phantom, nidask.load(phantom.image, **phantom.companions)
+
+
+def test_multishell_motion_of_every_volume_is_recovered(multishell, tmp_path):
+    phantom, dwi = multishell
+    estimator = Estimator()
+    result = estimator.run(dwi, workdir=tmp_path / "run")
+    assert result.b0_motion_affines.shape == (6, 4, 4)
+    whole = result.whole_series()
+    true = phantom.motion[whole.original_index]
+    errors = motion_errors(whole.motion_affines, true, dwi.affine, dwi.shape3d)
+    print({k: v for k, v in errors.items() if k.endswith(("median", "max"))})
+    assert errors["translation_mm_median"] < 0.3 and errors["rotation_deg_median"] < 1.5
+    # the b=0 volumes moved and were followed, in the same frame as the rest
+    b0_errors = errors["translation_mm"][whole.bvals == 0]
+    assert np.median(b0_errors) < 0.5
+    identity = motion_errors(np.tile(np.eye(4), (len(whole), 1, 1)), true, dwi.affine, dwi.shape3d)
+    assert identity["translation_mm_median"] > 3 * errors["translation_mm_median"]
+    report = estimator.report
+    assert [p["pass"] for p in report["passes"]] == list(range(1, len(report["passes"]) + 1))
+    assert report["passes"][0]["frame_tie"]["method"].startswith("interpolated")
+    assert all(v["similarity"] is not None for v in report["volumes"])
+    assert [v["index"] for v in report["volumes"]] == whole.original_index.tolist()
+
+
+def test_voxel_covariates_are_in_the_voxel_order_of_the_data(multishell, tmp_path):
+    """The b=0 model predicts the bzero: voxel by voxel, in the rows of the data."""
+    _, dwi = multishell
+    predictions = Estimator(model="b0").sweep(dwi, workdir=tmp_path / "sweep")
+    mask = np.load(tmp_path / "sweep" / "mask.npy")
+    rows = nidask.lofo.mask_index(nidask.estimator.grow_mask(mask))
+    bzero = dwi.bzero.compute().ravel(order="F")[rows]
+    for fold in (0, 7, predictions.shape[1] - 1):
+        np.testing.assert_allclose(predictions[:, fold], bzero, rtol=1e-6)
+    # and the data's own rows (the b=0 volumes' median) sit in the same order
+    voxels = np.load(tmp_path / "sweep" / "pass-1" / "voxels.npy")
+    b0 = dwi.whole_series().bvals == 0
+    np.testing.assert_allclose(np.median(voxels[:, b0], axis=1), bzero, rtol=1e-5)
+
+
+def test_fields_of_view_too_small_are_refused_and_small_ones_flagged(tmp_path):
+    from nidask.estimator import check_field_of_view
+
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    for shape in ((10, 8, 2), (6, 10, 10), (10, 10, 10)):  # dipy's small_25, 101D, 64D
+        with pytest.raises(nidask.InputError, match="field of view too small") as info:
+            check_field_of_view(shape, affine, np.ones(shape, bool), "crop.nii")
+        assert info.value.path == "crop.nii"
+    assert check_field_of_view((20, 20, 16), affine, np.ones((20, 20, 16), bool)) == ["small_fov"]
+    assert check_field_of_view((64, 64, 40), affine, np.ones((64, 64, 40), bool)) == []
+    phantom = make_dwi(tmp_path, shape3d=(8, 10, 6), n_directions=6)
+    dwi = nidask.load(phantom.image, **phantom.companions)
+    with pytest.raises(nidask.InputError, match="field of view too small"):
+        Estimator(passes=1).run(dwi)

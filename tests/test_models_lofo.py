@@ -110,7 +110,6 @@ def test_temporal_model_recovers_a_cubic_time_activity_curve():
     [
         (AverageModel(), "dwi"),
         (AverageModel("median"), "dwi"),
-        (DTIModel(), "dwi"),
         (TemporalModel(), "pet"),
         (TemporalModel(degree=None), "pet"),
         (B0Model(), "dwi"),
@@ -125,6 +124,39 @@ def test_all_fold_fast_paths_match_fitting_each_fold(model, meta):
     fast = model.predict_folds(data, meta, range(12))
     slow = predict_folds_by_fitting(model, data, meta, range(12))
     np.testing.assert_allclose(fast, slow, rtol=1e-4)
+
+
+def test_dti_leave_one_out_equals_weighted_refits():
+    """The leverage shortcut equals refitting each fold with the full fit's weights."""
+    from nidask.models import _weighted_fit
+
+    gradients = np.vstack([np.zeros((2, 4)), two_shell_gradients(14)])
+    data = RNG.uniform(100, 1000, (20, 16))
+    predictions = DTIModel().predict_folds(data, {"gradients": gradients}, range(16))
+    log_signal = np.log(data)
+    design = np.hstack([np.ones((16, 1)), tensor_design(gradients)])
+    ols = log_signal @ np.linalg.pinv(design).T
+    weights = np.exp(2 * ols @ design.T)
+    for fold in range(16):
+        train = np.delete(np.arange(16), fold)
+        for v in range(len(data)):
+            w = weights[v, train]
+            x = design[train]
+            coef = np.linalg.solve(x.T @ (w[:, None] * x), x.T @ (w * log_signal[v, train]))
+            assert predictions[v, fold] == pytest.approx(np.exp(design[fold] @ coef), rel=1e-4)
+    coef, leverage = _weighted_fit(log_signal, design)
+    assert coef.shape == (20, 7) and np.all((leverage > 0) & (leverage < 1))
+
+
+def test_dti_fits_s0_with_the_b0_volumes():
+    """Tensor data with b=0 columns: every fold, b=0 ones included, is predicted exactly."""
+    gradients = np.vstack([np.zeros((3, 4)), two_shell_gradients(14)])
+    tensor = np.array([1.5e-3, 0.4e-3, 0.5e-3, 0.1e-3, 0.0, -0.05e-3])
+    s0 = RNG.uniform(500, 1500, (10, 1))
+    data = s0 * np.exp(-(tensor_design(gradients) @ -tensor))[None]
+    data = s0 * np.exp(tensor_design(gradients) @ tensor)[None]
+    predictions = DTIModel().predict_folds(data, {"gradients": gradients}, range(17))
+    np.testing.assert_allclose(predictions, data, rtol=1e-4)
 
 
 def test_a_plain_function_is_a_model():
@@ -144,8 +176,8 @@ def test_a_plain_function_is_a_model():
 
 
 def test_model_errors_are_clear():
-    with pytest.raises(nidask.InputError, match="unknown model 'gp'"):
-        get_model("gp")
+    with pytest.raises(nidask.InputError, match="unknown model 'spline'"):
+        get_model("spline")
     with pytest.raises(nidask.InputError, match="needs a DWI with a bzero"):
         B0Model().predict_folds(np.ones((3, 4)), {}, [0])
     with pytest.raises(nidask.InputError, match="frame timing"):

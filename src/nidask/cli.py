@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import resource
 import shutil
@@ -35,7 +34,7 @@ COMPANIONS = {
     "mask": "brainmask_file",
     "timing": "temporal_file",
 }
-MODELS = ("average", "median", "dti", "b0", "pet")
+MODELS = ("auto", "gp", "average", "median", "dti", "b0", "pet")
 ORDERS = ("sequential", "reverse", "random", "bvalue")
 NFDH5_SUFFIXES = (".h5", ".hdf5", ".nfdh5")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -143,13 +142,11 @@ def _model_for(dataset, model: str | None) -> str:
     from .dmri import DWI
     from .pet import PET
 
-    if model is None:
-        if isinstance(dataset, DWI):
-            return "average"
-        return "pet" if isinstance(dataset, PET) else "median"
+    if model is None or model == "auto":
+        return "auto"
     if model == "pet" and not isinstance(dataset, PET):
         raise UsageError("--model pet needs a PET series (give --timing)")
-    if model in ("dti", "b0") and not isinstance(dataset, DWI):
+    if model in ("dti", "b0", "gp") and not isinstance(dataset, DWI):
         raise UsageError(f"--model {model} needs a DWI (give --bvec/--bval or --gradients)")
     if model == "b0" and dataset.bzero is None:
         raise UsageError("--model b0 needs a b=0 reference (b=0 volumes or --b0)")
@@ -157,13 +154,13 @@ def _model_for(dataset, model: str | None) -> str:
 
 
 def _reference(value: str):
-    if value == "model":
-        return value
+    if value in ("template", "model"):
+        return "template"
     try:
         return int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"invalid reference {value!r} (use 'model' or a volume index)"
+            f"invalid reference {value!r} (use 'template' or a volume index)"
         ) from None
 
 
@@ -237,92 +234,40 @@ def _write_text(path: str, text: str) -> None:
         f.write(text)
 
 
-def motion_tsv(dataset) -> str:
-    """Per-volume motion report: file index, tx ty tz (mm), rx ry rz (deg), FD (mm)."""
-    from .plots import motion_table
+def write_outputs(raw, estimated, directory, **options) -> list[str]:
+    """:func:`nidask.reports.write_outputs`, notes on stderr."""
+    from .reports import write_outputs as write
 
-    table = motion_table(dataset.motion_affines, dataset.affine, dataset.shape3d)
-    lines = ["volume\ttx_mm\tty_mm\ttz_mm\trx_deg\try_deg\trz_deg\tfd_mm"]
-    for index, row in zip(dataset.original_index, table, strict=True):
-        lines.append("\t".join([str(int(index)), *(f"{v:.4f}" for v in row)]))
-    return "\n".join(lines) + "\n"
+    return write(
+        raw, estimated, directory, warn=lambda m: _say(f"note: {m}", file=sys.stderr), **options
+    )
 
 
-def _largest_motion(dataset, count: int = 4) -> list[int]:
-    from .evaluation import rotation_angle
-    from .registration import fov_center
-
-    centre = np.append(fov_center(dataset.affine, dataset.shape3d), 1.0)
-    size = [
-        np.linalg.norm((m @ centre - centre)[:3]) + 50.0 * math.radians(rotation_angle(m))
-        for m in dataset.motion_affines
-    ]
-    return sorted(int(i) for i in np.argsort(size)[::-1][:count])
+FLAG_MEANINGS = {
+    "implausible": "motion beyond the plausible bound",
+    "poor_fit": "registered poorly to its prediction",
+    "unconverged": "registration did not converge",
+    "small_fov": "field of view small for motion estimation",
+}
 
 
-def write_outputs(
-    raw,
-    estimated,
-    directory: str,
-    *,
-    order: int = 3,
-    insert_b0: bool = False,
-    plots: bool = True,
-    true=None,
-    title: str = "",
-) -> list[str]:
-    """Corrected NIfTI (+ sidecars), ``motion.x5``, ``motion.tsv`` and PNG plots.
+def _warn_flags(report) -> None:
+    """One warning line per flag raised (see motion.tsv)."""
+    from .reports import flagged
 
-    Returns the names written (relative to ``directory``).
-    """
-    from .cache import atomic_output
-    from .dmri import DWI
-    from .export import write_transforms
-
-    written = []
-    corrected = os.path.join(directory, "corrected.nii.gz")
-    estimated.to_nifti(corrected, order=order, insert_b0=insert_b0)
-    written.append("corrected.nii.gz")
-    if isinstance(estimated, DWI):
-        written += ["corrected.bval", "corrected.bvec"]
-    with atomic_output(os.path.join(directory, "motion.x5")) as temp:
-        write_transforms(temp, estimated.motion_affines, estimated.shape3d, estimated.affine)
-    written.append("motion.x5")
-    _write_text(os.path.join(directory, "motion.tsv"), motion_tsv(estimated))
-    written.append("motion.tsv")
-    if not plots:
-        return written
-    from .plots import MissingDependencyError, plot_mosaic, plot_motion
-
-    try:
-        plot_motion(
-            estimated.motion_affines,
-            estimated.affine,
-            estimated.shape3d,
-            true=true,
-            x=estimated.original_index,
-            xlabel="volume (index in the file)",
-            title=f"{title}estimated head motion{' (dashed: true)' if true is not None else ''}",
-            filename=os.path.join(directory, "motion.png"),
+    for flag, volumes in flagged(report).items():
+        shown = ", ".join(str(v) for v in volumes[:8]) + (", ..." if len(volumes) > 8 else "")
+        meaning = FLAG_MEANINGS.get(flag, flag)
+        _say(
+            f"warning: {len(volumes)} volume(s) flagged {flag} ({meaning}): {shown}",
+            file=sys.stderr,
         )
-        written.append("motion.png")
-        plot_mosaic(
-            raw,
-            estimated,
-            _largest_motion(estimated),
-            labels=("acquired", "corrected"),
-            title=f"{title}largest motion: middle axial slice, brain mask outlined",
-            filename=os.path.join(directory, "mosaic.png"),
-        )
-        written.append("mosaic.png")
-    except MissingDependencyError as exc:
-        _say(f"note: plots skipped: {exc}", file=sys.stderr)
-    return written
 
 
 def _motion_summary(dataset) -> str:
-    from .plots import motion_table
+    from .reports import motion_table
 
+    dataset = dataset.whole_series()
     table = motion_table(dataset.motion_affines, dataset.affine, dataset.shape3d)
     worst = int(np.argmax(table[:, 6]))
     return (
@@ -571,13 +516,15 @@ def cmd_estimate(args) -> int:
     dataset = open_dataset(args.input, args)
     with dataset:
         model = _model_for(dataset, args.model)
-        if isinstance(args.reference, int) and not -len(dataset) <= args.reference < len(dataset):
-            raise UsageError(f"--reference {args.reference}: out of range for {len(dataset)}")
+        n = len(dataset.whole_series())
+        if isinstance(args.reference, int) and not -n <= args.reference < n:
+            raise UsageError(f"--reference {args.reference}: out of range for {n} volumes")
         estimator = nidask.Estimator(
             model=model,
             order=args.order,
             seed=args.seed,
             passes=args.passes,
+            tolerance=args.tolerance,
             reference=args.reference,
         )
         with scheduler(args.scheduler, args.workers) as client:
@@ -607,10 +554,12 @@ def cmd_estimate(args) -> int:
             except Terminated:
                 raise Terminated(f"{work}: terminated; continue with --resume") from None
             _say(f"estimated in {time.perf_counter() - start:.1f} s: {_motion_summary(estimated)}")
+            _warn_flags(estimator.report)
             written = write_outputs(
                 dataset,
                 estimated,
                 out,
+                report=estimator.report,
                 order=args.interpolation,
                 insert_b0=args.insert_b0,
                 plots=not args.no_plots,
@@ -621,8 +570,22 @@ def cmd_estimate(args) -> int:
 
 # -- demo ---------------------------------------------------------------------------------
 DEMO_SIZES = {
-    "small": {"shape3d": (24, 24, 18), "n_directions": 12, "n_frames": 12},
-    "medium": {"shape3d": (40, 40, 30), "n_directions": 30, "n_frames": 20},
+    "small": {
+        "shape3d": (32, 36, 28),
+        "zooms": 4.0,
+        "bvalues": (1000.0, 2000.0),
+        "per_shell": 16,
+        "n_b0": 4,
+        "n_frames": 12,
+    },
+    "medium": {
+        "shape3d": (48, 56, 44),
+        "zooms": 3.0,
+        "bvalues": (1000.0, 2000.0, 3000.0),
+        "per_shell": 30,
+        "n_b0": 9,
+        "n_frames": 20,
+    },
 }
 
 
@@ -668,13 +631,19 @@ def _demo_series(kind: str, out: str, size: dict, passes: int, client) -> dict:
     start = time.perf_counter()
     with atomic_directory(directory) as temp:
         if kind == "dwi":
-            truth = phantom.make_dwi(
+            truth = phantom.make_hcp_like(
                 temp,
                 shape3d=size["shape3d"],
-                n_directions=size["n_directions"],
-                anisotropy=0.1,
+                zooms=(size["zooms"],) * 3,
+                n_per_shell=size["per_shell"],
+                n_b0=size["n_b0"],
+                bvalues=size["bvalues"],
             )
-            what = f"2 b=0 + {size['n_directions']} diffusion-weighted volumes (b=1000)"
+            shells = ", ".join(f"{b:g}" for b in size["bvalues"])
+            what = (
+                f"{size['n_b0']} b=0 (interleaved, moving) + {len(size['bvalues'])} x "
+                f"{size['per_shell']} diffusion-weighted volumes (b={shells}, interleaved)"
+            )
         else:
             truth = phantom.make_pet(temp, shape3d=size["shape3d"], n_frames=size["n_frames"])
             what = f"{size['n_frames']} frames"
@@ -682,24 +651,36 @@ def _demo_series(kind: str, out: str, size: dict, passes: int, client) -> dict:
     image = truth.image.replace(temp, directory)
     shape = "x".join(map(str, size["shape3d"]))
     _say(f"phantom    {_show(image)}: {shape} voxels, {what}")
-    _say("           known motion: up to 3 mm and 3 deg per axis")
+    _say("           known motion: drift and jumps up to 3 mm and 3 deg per axis")
     dataset = nidask.load(image, **relocate)
     with dataset:
         _say(f"lazy       {dataset!r}")
         for line in _graph_facts(dataset):
             _say(f"           {line}")
-        model = "average"
-        _say(f"estimate   model {model}, {passes} passes, {len(dataset)} leave-one-out folds")
+        estimator = nidask.Estimator(**({} if passes is None else {"passes": passes}))
+        models = dataset.default_model()
+        _say(
+            f"estimate   model {' then '.join(models) if isinstance(models, list) else models}, "
+            f"up to {estimator.passes} passes, {len(dataset.whole_series())} leave-one-out folds"
+        )
         t0 = time.perf_counter()
-        estimated = nidask.Estimator(model=model, passes=passes).run(dataset, client=client)
+        estimated = estimator.run(dataset, client=client)
         seconds = time.perf_counter() - t0
         _say(f"           done in {seconds:.1f} s")
-        true = truth.motion[dataset.original_index]
-        errors = motion_errors(estimated.motion_affines, true, dataset.affine, dataset.shape3d)
+        for record in estimator.report["passes"]:
+            tie = record["frame_tie"].get("method") or "one frame"
+            _say(
+                f"           pass {record['pass']}: largest change "
+                f"{record['largest_change_mm']:.2f} mm, frames: {tie}"
+            )
+        whole = estimated.whole_series()
+        true = truth.motion[whole.original_index]
+        errors = motion_errors(whole.motion_affines, true, whole.affine, whole.shape3d)
         written = write_outputs(
             dataset,
             estimated,
             directory,
+            report=estimator.report,
             true=true @ errors["offset"],
             title=f"{kind.upper()} phantom: ",
         )
@@ -710,8 +691,8 @@ def _demo_series(kind: str, out: str, size: dict, passes: int, client) -> dict:
         f"{errors['rotation_deg_median']:.2f} deg, worst {errors['rotation_deg_max']:.2f} deg"
     )
     _say(
-        "           (estimated vs true per volume, after removing the common offset between "
-        "the model's frame and the truth's)"
+        "           (every volume of the file, estimated vs true, after removing the common "
+        "offset between the estimator's frame and the truth's)"
     )
     return {
         "kind": kind,
@@ -867,17 +848,29 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--model",
         choices=MODELS,
-        help="prediction model (default: average for DWI, pet for PET, median otherwise)",
+        default="auto",
+        help="prediction model (default auto: for a DWI the shell average, then the "
+        "Gaussian process; pet for PET; the average otherwise)",
     )
-    group.add_argument("--passes", type=_positive_int, default=2, help="estimation passes")
+    group.add_argument(
+        "--passes", type=_positive_int, default=4, help="most estimation passes (default 4)"
+    )
+    group.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.1,
+        metavar="MM",
+        help="stop once no volume's estimate moves more than this (default 0.1 mm)",
+    )
     group.add_argument("--order", choices=ORDERS, default="sequential", help="fold order")
     group.add_argument("--seed", type=int, default=0, help="seed of --order random")
     group.add_argument(
         "--reference",
         type=_reference,
-        default="model",
-        metavar="model|INDEX",
-        help="frame of the matrices: the model's (default) or volume INDEX's",
+        default="template",
+        metavar="template|INDEX",
+        help="frame of the matrices: the b=0 template's for a DWI, the series' mean "
+        "position otherwise (default), or that of file volume INDEX",
     )
     group.add_argument(
         "--resume", action="store_true", help="continue the run in OUT/work if there is one"
@@ -911,10 +904,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--size",
         choices=tuple(DEMO_SIZES),
         default="medium",
-        help="phantom size: medium (default, 40x40x30, 30 directions, 16 PET frames) or "
-        "small (24x24x18, 12 directions, 12 frames)",
+        help="phantom size: medium (default: 48x56x44 voxels of 3 mm, 9 b=0 + 3 shells of 30 "
+        "directions, 20 PET frames) or small (32x36x28 voxels of 4 mm, 4 b=0 + 2 shells of "
+        "16 directions, 12 frames)",
     )
-    demo.add_argument("--passes", type=_positive_int, default=2, help="estimation passes")
+    demo.add_argument(
+        "--passes", type=_positive_int, help="most estimation passes (default: the estimator's)"
+    )
     _scheduler_options(demo)
     demo.set_defaults(func=cmd_demo)
     return parser

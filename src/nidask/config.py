@@ -5,6 +5,9 @@
     Peak memory of every streamed operation follows this budget.
 ``nidask.cache-dir``
     Directory under which owned caches are created (default: the system temp dir).
+``nidask.b0-threshold``
+    Diffusion volumes with a b-value at or below this (s/mm², default 50, as dipy
+    and nifreeze) are b=0 volumes.
 ``nidask.kernels``
     ``"auto"`` (default): resample with the compiled kernels of :mod:`nidask.kernels`
     where numba is installed; ``"scipy"``: always with ``scipy.ndimage``.
@@ -24,7 +27,9 @@ import dask
 import numpy as np
 from dask.utils import parse_bytes
 
-DEFAULTS = {"nidask": {"chunk-size": "64MiB", "cache-dir": None, "kernels": "auto"}}
+DEFAULTS = {
+    "nidask": {"chunk-size": "64MiB", "cache-dir": None, "kernels": "auto", "b0-threshold": 50.0}
+}
 dask.config.update_defaults(DEFAULTS)
 
 
@@ -35,6 +40,14 @@ def chunk_bytes() -> int:
     if size <= 0:
         raise ValueError(f"nidask.chunk-size must be positive, got {value!r}")
     return size
+
+
+def b0_threshold() -> float:
+    """b-value (s/mm²) at or below which a diffusion volume is a b=0 (``nidask.b0-threshold``)."""
+    value = float(dask.config.get("nidask.b0-threshold", 50.0))
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"nidask.b0-threshold must be a non-negative number, got {value!r}")
+    return value
 
 
 def cache_root() -> str:

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import attrs
 import dask.array as da
 import numpy as np
+from dask.base import tokenize
 
 from .cache import Cache, atomic_output
 from .errors import InputError
@@ -102,6 +103,38 @@ def take_volumes(data: da.Array, positions) -> da.Array:
         return VolumeSelection(source, positions).to_dask(per_chunk=max(data.chunks[3]))
     parts = [data[..., int(run[0]) : int(run[-1]) + 1] for run in volume_runs(positions)]
     return parts[0] if len(parts) == 1 else da.concatenate(parts, axis=3)
+
+
+def interleave_volumes(arrays, positions) -> da.Array:
+    """The volumes of several arrays in the order of their ``positions`` (e.g. file order).
+
+    Views of one file become a single view of it (each chunk reads its own volumes);
+    anything else is concatenated and reordered without a shuffle.
+
+    >>> a, b = da.zeros((1, 1, 1, 2)), da.ones((1, 1, 1, 1))
+    >>> interleave_volumes([a, b], [[0, 2], [1]]).compute().ravel().tolist()
+    [0.0, 1.0, 0.0]
+    """
+    positions = [np.asarray(p, dtype=int).reshape(-1) for p in positions]
+    order = np.argsort(np.concatenate(positions), kind="stable")
+    views = [_file_view(a) for a in arrays]
+    if all(v is not None for v in views):
+        tokens = {tokenize(base) for base, _ in views}
+        if len(tokens) == 1:
+            merged = np.concatenate([p for _, p in views])[order]
+            per_chunk = max(max(a.chunks[3], default=1) for a in arrays)
+            return VolumeSelection(views[0][0], merged).to_dask(per_chunk=per_chunk)
+    return take_volumes(da.concatenate(arrays, axis=3), order)
+
+
+def _file_view(array: da.Array):
+    """``(source, positions)`` when ``array`` reads volumes of one file, else ``None``."""
+    source = source_of(array)
+    if source is None:
+        return None
+    if isinstance(source, VolumeSelection):
+        return source.base, source.positions
+    return source, np.arange(source.shape[3])
 
 
 @attrs.define(eq=False, repr=False, slots=False)
@@ -273,10 +306,33 @@ class BaseDataset:
         data = resample_series(
             self.dataobj, self.affine, self.motion_affines, order=order, mode=mode, cval=cval
         )
-        return attrs.evolve(self, dataobj=data, motion_affines=None, **self._resampled_fields())
+        fields = self._resampled_fields(order, mode, cval)
+        return attrs.evolve(self, dataobj=data, motion_affines=None, **fields)
 
-    def _resampled_fields(self) -> dict:
+    def _resampled_fields(self, order: int, mode: str, cval: float) -> dict:
+        """Fields that change when the volumes are resampled (modalities add theirs)."""
         return {}
+
+    # -- hooks for estimators and exports ------------------------------------------------
+    def volume_meta(self) -> dict:
+        """Per-volume metadata that models receive (e.g. ``gradients``, ``midframe``)."""
+        return {}
+
+    def default_model(self) -> str:
+        """The estimator's model for this kind of series (see :mod:`nidask.models`)."""
+        return "average"
+
+    def whole_series(self) -> BaseDataset:
+        """Every volume of the file this dataset knows, in file order.
+
+        The estimator corrects all of them and exports write all of them; a
+        modality that sets some volumes aside (a DWI's b=0 volumes) merges them back.
+        """
+        return self
+
+    def with_whole_motion(self, matrices) -> BaseDataset:
+        """This dataset with motion matrices given for every volume of :meth:`whole_series`."""
+        return attrs.evolve(self, motion_affines=np.asarray(matrices, dtype=float))
 
     # -- sinks --------------------------------------------------------------------------
     def _with_data_file(self, path: str) -> BaseDataset:

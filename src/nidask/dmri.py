@@ -18,12 +18,15 @@ import dask.array as da
 import numpy as np
 
 from .cache import Cache
-from .dataset import BaseDataset, take_volumes
+from .config import b0_threshold
+from .dataset import BaseDataset, interleave_volumes, take_volumes
 from .errors import InputError
 from .sources import check_readable, open_source
 
-B0_THRESHOLD = 50.0
+B0_THRESHOLD = 50.0  # the default of ``nidask.b0-threshold``
 MIN_DIFFUSION_VOLUMES = 6
+#: Directions per shell from which the Gaussian-process model is the default.
+GP_MIN_DIRECTIONS = 10
 GRADIENT_ATOL = 1e-2
 
 
@@ -150,10 +153,21 @@ class DWI(BaseDataset):
         Unit direction (RAS) and b-value per diffusion-weighted volume.
     bzero : ndarray or dask array (X, Y, Z), optional
         The b=0 reference (lazy median of the b=0 volumes when read from a series).
+    b0s : dask array (X, Y, Z, n_b0), optional
+        The series' b=0 volumes themselves (a lazy view of the file), so that the
+        estimator can correct them and exports can write the whole series.
+    b0_index : ndarray of int (n_b0,), optional
+        Position of each b=0 volume in the file (as ``original_index`` for the
+        diffusion-weighted ones).
+    b0_motion_affines : ndarray (n_b0, 4, 4), optional
+        Motion matrices of the b=0 volumes.
     """
 
     gradients: np.ndarray = attrs.field(default=None, validator=_check_gradients, kw_only=True)
     bzero: np.ndarray | da.Array | None = attrs.field(default=None, kw_only=True)
+    b0s: da.Array | None = attrs.field(default=None, kw_only=True)
+    b0_index: np.ndarray | None = attrs.field(default=None, kw_only=True)
+    b0_motion_affines: np.ndarray | None = attrs.field(default=None, kw_only=True)
 
     volume_fields = (*BaseDataset.volume_fields, "gradients")
     nfdh5_type = "dmri"
@@ -171,6 +185,33 @@ class DWI(BaseDataset):
                 f"b=0 volume shape {tuple(self.bzero.shape)} "
                 f"differs from the series {self.shape3d}"
             )
+        self._check_b0_volumes()
+
+    def _check_b0_volumes(self) -> None:
+        if self.b0s is None:
+            if self.b0_index is not None or self.b0_motion_affines is not None:
+                raise InputError("b0_index and b0_motion_affines need b0s")
+            return
+        if not isinstance(self.b0s, da.Array) or self.b0s.ndim != 4:
+            raise InputError("b0s must be a 4D dask array (X, Y, Z, n_b0)")
+        if tuple(self.b0s.shape[:3]) != self.shape3d:
+            raise InputError(
+                f"b=0 volumes shape {tuple(self.b0s.shape[:3])} differs from the series "
+                f"{self.shape3d}"
+            )
+        n_b0 = self.b0s.shape[3]
+        if self.b0_index is None:
+            raise InputError("b0s need b0_index (their positions in the file)")
+        self.b0_index = np.asarray(self.b0_index, dtype=int).reshape(-1)
+        if self.b0_index.shape != (n_b0,):
+            raise InputError(f"b0_index must have {n_b0} entries")
+        if np.intersect1d(self.b0_index, self.original_index).size:
+            raise InputError("b0_index and original_index share file positions")
+        if self.b0_motion_affines is not None:
+            matrices = np.array(self.b0_motion_affines, dtype=float)
+            if matrices.shape != (n_b0, 4, 4) or not np.all(np.isfinite(matrices)):
+                raise InputError(f"b0_motion_affines must be {n_b0} finite 4x4 matrices")
+            self.b0_motion_affines = matrices
 
     @property
     def bvals(self) -> np.ndarray:
@@ -189,14 +230,83 @@ class DWI(BaseDataset):
     def _extras(self, positions, single):
         return (self.gradients[positions[0]] if single else self.gradients[positions],)
 
-    def _resampled_fields(self) -> dict:
-        from .resample import rotate_bvecs
+    def _resampled_fields(self, order: int, mode: str, cval: float) -> dict:
+        from .resample import resample_series, rotate_bvecs
 
-        if self.motion_affines is None:
-            return {}
-        gradients = self.gradients.copy()
-        gradients[:, :3] = rotate_bvecs(self.bvecs, self.affine, self.motion_affines)
-        return {"gradients": gradients}
+        fields = {}
+        if self.motion_affines is not None:
+            gradients = self.gradients.copy()
+            gradients[:, :3] = rotate_bvecs(self.bvecs, self.affine, self.motion_affines)
+            fields["gradients"] = gradients
+        if self.b0s is not None and self.b0_motion_affines is not None:
+            fields["b0s"] = resample_series(
+                self.b0s, self.affine, self.b0_motion_affines, order=order, mode=mode, cval=cval
+            )
+            fields["b0_motion_affines"] = None
+        return fields
+
+    def volume_meta(self) -> dict:
+        return {"gradients": self.gradients}
+
+    def default_model(self) -> list[str]:
+        """Per pass: the shell average, then the Gaussian process where shells allow it.
+
+        The first pass sees the data as acquired: a prediction that weights a few
+        neighbouring directions heavily (the process) would sit in their mean
+        position, different for every volume; the shell average sits in the
+        shell's mean position.  Later passes see corrected data.
+        """
+        shells = [len(idx) for b, idx in self.get_shells() if b > b0_threshold()]
+        if shells and min(shells) >= GP_MIN_DIRECTIONS:
+            return ["average", "gp"]
+        return ["average"]
+
+    def whole_series(self) -> DWI:
+        """The file's whole series, b=0 volumes included, in file order.
+
+        b=0 rows have a null gradient; each b=0 volume keeps its motion (identity
+        where the diffusion-weighted volumes have motion and it has none).
+        """
+        if self.b0s is None:
+            return self
+        positions = [self.b0_index, self.original_index]
+        order = np.argsort(np.concatenate(positions), kind="stable")
+        gradients = np.vstack([np.zeros((len(self.b0_index), 4)), self.gradients])[order]
+        motion = None
+        if self.motion_affines is not None or self.b0_motion_affines is not None:
+            identity = np.eye(4)
+            b0_motion = self.b0_motion_affines
+            dw_motion = self.motion_affines
+            if b0_motion is None:
+                b0_motion = np.tile(identity, (len(self.b0_index), 1, 1))
+            if dw_motion is None:
+                dw_motion = np.tile(identity, (len(self), 1, 1))
+            motion = np.concatenate([b0_motion, dw_motion])[order]
+        return attrs.evolve(
+            self,
+            dataobj=interleave_volumes([self.b0s, self.dataobj], positions),
+            gradients=gradients,
+            motion_affines=motion,
+            original_index=np.concatenate(positions)[order],
+            b0s=None,
+            b0_index=None,
+            b0_motion_affines=None,
+        )
+
+    def with_whole_motion(self, matrices) -> DWI:
+        """This dataset with motion given for every volume of :meth:`whole_series`."""
+        if self.b0s is None:
+            return super().with_whole_motion(matrices)
+        matrices = np.asarray(matrices, dtype=float)
+        positions = np.concatenate([self.b0_index, self.original_index])
+        if matrices.shape != (len(positions), 4, 4):
+            raise InputError(f"expected {len(positions)} motion matrices, got {matrices.shape}")
+        by_position = dict(zip(np.sort(positions).tolist(), matrices, strict=True))
+        return attrs.evolve(
+            self,
+            motion_affines=np.stack([by_position[int(p)] for p in self.original_index]),
+            b0_motion_affines=np.stack([by_position[int(p)] for p in self.b0_index]),
+        )
 
     def _lazy_fields(self) -> dict:
         return {"bzero": self.bzero} if isinstance(self.bzero, da.Array) else {}
@@ -208,17 +318,22 @@ class DWI(BaseDataset):
             if self.bzero is None
             else ("lazy" if isinstance(self.bzero, da.Array) else "yes")
         )
-        return [f"shells=[{shells}]", f"bzero={bzero}"]
+        parts = [f"shells=[{shells}]", f"bzero={bzero}"]
+        if self.b0s is not None:
+            parts.append(f"b0 volumes={self.b0s.shape[3]}")
+        return parts
 
 
 def split_b0(
-    data: da.Array, gradients: np.ndarray, threshold: float = B0_THRESHOLD
+    data: da.Array, gradients: np.ndarray, threshold: float | None = None
 ) -> tuple[np.ndarray, da.Array | None]:
     """Indices of diffusion-weighted volumes and the lazy b=0 reference.
 
     The reference is the single b=0 volume, or the voxel-wise median of several
-    (float32), or ``None`` without any.
+    (float32), or ``None`` without any.  ``threshold`` defaults to
+    ``nidask.b0-threshold``.
     """
+    threshold = b0_threshold() if threshold is None else threshold
     is_b0 = gradients[:, 3] <= threshold
     b0_index = np.flatnonzero(is_b0)
     if b0_index.size == 0:
@@ -309,8 +424,11 @@ def from_nii(
     if brainmask_file is not None:
         mask = load_mask(brainmask_file, source.shape[:3])
         inputs.append(os.path.abspath(brainmask_file))
+    b0_index = np.setdiff1d(np.arange(len(table)), keep)
     return DWI(
         dataobj=take_volumes(data, keep) if keep.size < len(table) else data,
+        b0s=take_volumes(data, b0_index) if b0_index.size else None,
+        b0_index=b0_index if b0_index.size else None,
         affine=source.affine if hasattr(source, "affine") else np.eye(4),
         brainmask=mask,
         datahdr=getattr(source, "header", None),

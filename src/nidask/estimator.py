@@ -1,31 +1,40 @@
 """Leave-one-volume-out head-motion estimation on any dask scheduler, resumable.
 
-For each pass the estimator
+The estimator corrects every volume of the file (:meth:`BaseDataset.whole_series`:
+a DWI's b=0 volumes too).  Each pass
 
 1. materializes the training series once (pass 1: the data as they are; later
-   passes: the data resampled with the previous estimates) as a volume-contiguous
-   ``.npy``,
+   passes: the data resampled with the previous estimates, b-vectors rotated with
+   them) as a volume-contiguous ``.npy``,
 2. writes its masked voxels once as a voxel-major matrix,
-3. predicts **every** left-out volume with the model, block of voxels by block,
+3. fits the model's shared parameters on a voxel sample (``model.prepare``, e.g.
+   the Gaussian process's hyperparameters) and predicts **every** left-out volume,
+   block of voxels by block,
 4. registers each observed volume to its prediction — one dask task per fold,
-   reading both by path — and records the matrix as soon as it is known.
+   reading both by path — and records the matrix and its quality,
+5. ties the frames of the prediction groups together (:mod:`nidask.frames`): a
+   DWI's shells are brought into the frame of its b=0 template.
 
-All of it lives in a run directory.  A run interrupted at any point (killed
-process, lost worker) and started again with the same directory skips every step
-and fold already recorded and ends with the same matrices.
+Passes repeat until the largest change of any volume's estimate is below
+``tolerance`` (or ``passes`` is reached).  Everything lives in a run directory: a
+run interrupted at any point and started again with the same directory skips
+every step and fold already recorded and ends with the same matrices.
 
 Reference frame
 ---------------
-Matrices follow DESIGN.md (reference RAS -> moving RAS).  The reference is
-``reference="model"``: the frame of the model's predictions (the average position
-of the series), or an integer ``k``: the frame of volume ``k`` (whose matrix
-becomes the identity).
+Matrices follow DESIGN.md (reference RAS -> moving RAS).  With
+``reference="template"`` (the default) the reference is the mean position of the
+reference group's volumes (a DWI's b=0 volumes after they are aligned to each
+other, i.e. the frame of the b=0 template), or of all volumes when the model has
+no reference group (PET, BOLD, a DWI without b=0).  ``reference=k`` puts the
+frame of file volume ``k`` (of the whole series) at the identity.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 
@@ -37,23 +46,31 @@ from scipy import ndimage
 
 from .cache import atomic_output, remove_stale_temporaries
 from .config import volumes_per_chunk
-from .dmri import DWI
 from .errors import InputError
+from .frames import METHODS, interleaved, interpolate_in_time, recentre, tie_frames
 from .lofo import (
     fold_order,
+    mask_index,
     read_column,
+    read_rows,
     scatter,
     sweep_predictions,
     write_vector,
     write_voxel_major,
 )
-from .models import get_model
-from .pet import PET
+from .models import frame_groups, get_model
 from .progress import compute
-from .registration import get_registration
+from .registration import RigidRegistration, fov_center, get_registration, rigid_params
 from .sources import NpySource, read_npy_header
 
 RUN_FILE = "run.json"
+REPORT_FILE = "report.json"
+
+#: The smallest field of view the estimator accepts: voxels and millimetres along each
+#: axis, voxels in the mask (dipy's 2 cm test crops fall below it).
+MIN_AXIS, MIN_EXTENT_MM, MIN_MASK = 8, 25.0, 500
+#: Fields of view below these are estimated but flagged ``small_fov``.
+SMALL_AXIS, SMALL_EXTENT_MM, SMALL_MASK = 24, 60.0, 10000
 
 
 def read_volume(path: str, index: int) -> np.ndarray:
@@ -75,6 +92,24 @@ def _save_atomic(path: str, array: np.ndarray) -> None:
             np.save(f, array)
 
 
+def _save_json(path: str, value) -> None:
+    with atomic_output(path) as temp, open(temp, "w") as f:
+        json.dump(value, f, indent=1)
+
+
+def prediction_weights(residuals: str, group: int, mask: np.ndarray) -> np.ndarray:
+    """Registration weights from a group's leave-one-out residual variance.
+
+    ``1 / (variance + its median in the mask)`` inside the mask, 0 outside: voxels
+    the model predicts poorly (white matter whose contrast changes with direction,
+    at high b-values) count less than those it predicts to the noise.
+    """
+    grown = grow_mask(mask)
+    variance = scatter(read_column(residuals, group), grown)
+    floor = max(float(np.median(variance[mask])), 1e-12)
+    return np.where(mask, 1.0 / (variance + floor), 0.0).astype(np.float32)
+
+
 def register_fold(
     volumes: str,
     predictions: str,
@@ -84,15 +119,27 @@ def register_fold(
     registration,
     record: str,
     init: np.ndarray | None = None,
+    weights: tuple | None = None,
 ) -> np.ndarray:
     """Register observed volume ``fold`` to its prediction and record the matrix.
 
-    Runs inside a task: every input is read by path.
+    Runs inside a task: every input is read by path.  ``weights`` is a
+    ``(residuals.npy, group column)`` pair (see :func:`prediction_weights`).
+    Beside the matrix (``record``) a ``.json`` holds the registration's quality,
+    when it reports one.
     """
     mask = np.load(mask_path)
     fixed = scatter(read_column(predictions, fold), grow_mask(mask))
     moving = read_volume(volumes, fold)
-    matrix = np.asarray(registration(fixed, moving, affine, mask=mask, init=init), dtype=float)
+    if weights is not None:
+        mask = prediction_weights(weights[0], weights[1], mask)
+    report = getattr(registration, "register", None)
+    if report is not None:
+        matrix, quality = report(fixed, moving, affine, mask=mask, init=init)
+    else:
+        matrix, quality = registration(fixed, moving, affine, mask=mask, init=init), {}
+    matrix = np.asarray(matrix, dtype=float)
+    _save_json(record[: -len(".npy")] + ".json", quality)
     _save_atomic(record, matrix)
     return matrix
 
@@ -106,22 +153,14 @@ def grow_mask(mask: np.ndarray, voxels: int = 4) -> np.ndarray:
     return ndimage.binary_dilation(mask, iterations=voxels)
 
 
-def _volume_meta(dataset) -> dict:
-    if isinstance(dataset, DWI):
-        return {"gradients": dataset.gradients}
-    if isinstance(dataset, PET):
-        return {"midframe": dataset.midframe}
-    return {}
-
-
 def _add_volume_sum(total: np.ndarray | None, source, start: int, stop: int) -> np.ndarray:
     """Task: ``total`` plus the voxel-wise sum of volumes ``start:stop`` (read here)."""
     part = source[..., start:stop].sum(axis=-1, dtype=np.float64)
     return part if total is None else np.add(part, total, out=part)
 
 
-def default_mask(volumes: str, shape3d, fraction: float = 0.05) -> np.ndarray:
-    """Voxels whose mean signal exceeds ``fraction`` of its 99th percentile.
+def mean_volume(volumes: str) -> np.ndarray:
+    """Voxel-wise mean of a volume-contiguous ``.npy`` series (float64).
 
     The sum runs as a chain of tasks that each read one block and add it to the
     running total, so memory stays at one block whatever the number of volumes
@@ -133,8 +172,63 @@ def default_mask(volumes: str, shape3d, fraction: float = 0.05) -> np.ndarray:
     total = None
     for start in range(0, n, step):
         total = dask.delayed(_add_volume_sum)(total, source, start, min(start + step, n))
-    mean = total.compute() / n
+    return total.compute() / n
+
+
+def default_mask(volumes: str, shape3d, fraction: float = 0.05) -> np.ndarray:
+    """Voxels whose mean signal exceeds ``fraction`` of its 99th percentile."""
+    mean = mean_volume(volumes)
     return mean > fraction * np.percentile(mean, 99)
+
+
+def interior_rows(mean: np.ndarray, mask: np.ndarray, fraction: float = 0.4) -> np.ndarray:
+    """Rows (of the grown-mask voxel-major matrix) of the mask's flattest voxels.
+
+    The ``fraction`` of mask voxels where the mean image changes least across
+    space: motion changes their signal least, so a model fitted there learns the
+    signal, not what misalignment left in it.
+    """
+    slope = ndimage.gaussian_gradient_magnitude(np.asarray(mean, dtype=np.float64), 1.0)
+    grown_index = mask_index(grow_mask(mask))
+    inside = np.asarray(mask).ravel(order="F")[grown_index]
+    values = slope.ravel(order="F")[grown_index]
+    cut = np.quantile(values[inside], fraction)
+    return np.flatnonzero(inside & (values <= cut))
+
+
+def check_field_of_view(shape3d, affine, mask: np.ndarray, path: str | None = None) -> list[str]:
+    """Refuse fields of view too small to register; return flags for small ones."""
+    voxels = int(np.count_nonzero(mask))
+    extent = np.asarray(shape3d) * np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    grid = "x".join(str(s) for s in shape3d)
+    mm = "x".join(f"{e:.0f}" for e in extent)
+    if min(shape3d) < MIN_AXIS or extent.min() < MIN_EXTENT_MM or voxels < MIN_MASK:
+        raise InputError(
+            f"field of view too small to estimate head motion ({grid} voxels, {mm} mm, "
+            f"{voxels} in the mask; needs at least {MIN_AXIS} voxels and {MIN_EXTENT_MM:g} mm "
+            f"along each axis and {MIN_MASK} voxels in the mask)",
+            path,
+        )
+    small = min(shape3d) < SMALL_AXIS or extent.min() < SMALL_EXTENT_MM or voxels < SMALL_MASK
+    return ["small_fov"] if small else []
+
+
+def sample_rows(voxels: str, count: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """``count`` rows of a voxel-major matrix spread evenly over ``rows`` (default all)."""
+    (n_rows, _), *_ = read_npy_header(voxels)
+    rows = np.arange(n_rows) if rows is None else np.asarray(rows)
+    picks = rows[np.unique(np.linspace(0, len(rows) - 1, min(count, len(rows))).astype(int))]
+    return np.vstack([read_rows(voxels, int(r), int(r) + 1) for r in picks])
+
+
+def changes_mm(before, after, affine, shape3d, radius: float = 50.0) -> np.ndarray:
+    """Per volume, how far its estimate moved (mm; rotations counted at ``radius``)."""
+    centre = fov_center(affine, shape3d)
+    out = []
+    for a, b in zip(before, after, strict=True):
+        p = rigid_params(np.linalg.inv(a) @ b, center=centre)
+        out.append(float(np.linalg.norm(p[:3]) + radius * np.linalg.norm(p[3:])))
+    return np.array(out)
 
 
 @attrs.frozen
@@ -146,6 +240,9 @@ class _Run:
     mask: np.ndarray
     mask_path: str
     voxel_meta: dict
+    flags: tuple[str, ...]
+    groups: np.ndarray
+    interior: str
 
 
 @contextlib.contextmanager
@@ -170,9 +267,11 @@ class Estimator:
     Parameters
     ----------
     model : str, Model or callable
-        ``"average"`` (per-shell mean), ``"median"``, ``"b0"``, ``"dti"``, ``"pet"``
-        (temporal interpolation), a :class:`nidask.models.Model` or a function
-        ``f(train_data, train_meta, test_meta)``; see :mod:`nidask.models`.
+        ``"auto"`` (the dataset's :meth:`~nidask.BaseDataset.default_model`),
+        ``"gp"`` (Gaussian process, DWI), ``"average"`` (per-shell mean),
+        ``"median"``, ``"b0"``, ``"dti"``, ``"pet"`` (temporal interpolation), a
+        :class:`nidask.models.Model` or a function ``f(train_data, train_meta,
+        test_meta)``; a list gives one model per pass (the last one repeats).
     registration : str or callable
         ``"rigid"`` or any :class:`nidask.registration.Registration`.
     order : str
@@ -181,37 +280,85 @@ class Estimator:
     seed : int
         Seed of ``order="random"``.
     passes : int
-        Estimation passes; later ones fit the model on data corrected by the
+        Most estimation passes; later ones fit the model on data corrected by the
         previous estimates (sharper predictions).
-    reference : "model" or int
+    tolerance : float
+        Stop after a pass (the second at the earliest) whose largest change of any
+        volume's estimate is below this (mm, rotations counted at 50 mm); 0 runs
+        every pass.
+    reference : "template" or int
         Frame of the returned matrices (see the module docstring).
+    frame_tie : {"auto", "temporal", "image"}
+        How the frames of the prediction groups are tied (:mod:`nidask.frames`).
+    initialize : {"auto", "none"}
+        ``"auto"``: when the reference group's volumes recur throughout the series
+        (interleaved b=0 volumes), the first pass registers them only and starts
+        every other volume from their motion interpolated in time.
     resample_order : int
         Interpolation order used to correct training data between passes.
+    max_motion : tuple of float
+        ``(mm, degrees)``: estimates beyond these are flagged ``implausible``.
     progress : bool, optional
         Progress display (default: ``nidask.progress`` config).
+
+    Attributes
+    ----------
+    report : dict
+        After :meth:`run`: per pass the largest change and the frame tie, per
+        volume (file order) its quality and flags.
     """
 
-    model: object = "average"
-    registration: object = "rigid"
+    model: object = "auto"
+    registration: object = "auto"
     order: str = "sequential"
     seed: int = 0
-    passes: int = 2
-    reference: object = "model"
-    resample_order: int = 1
+    passes: int = 4
+    tolerance: float = 0.1
+    reference: object = "template"
+    frame_tie: str = "auto"
+    initialize: str = "auto"
+    resample_order: int = 3
+    max_motion: tuple = (10.0, 10.0)
     progress: bool | None = None
+    report: dict | None = attrs.field(default=None, init=False, eq=False, repr=False)
 
-    def _models(self) -> list:
+    def _models(self, dataset) -> list:
         """One model per pass (the last one repeats)."""
         specs = self.model if isinstance(self.model, list | tuple) else [self.model]
         if not specs:
             raise InputError("no model given")
-        return [get_model(spec) for spec in specs]
+        resolved = []
+        for spec in specs:
+            if isinstance(spec, str) and spec == "auto":
+                default = dataset.default_model()
+                resolved += default if isinstance(default, list | tuple) else [default]
+            else:
+                resolved.append(spec)
+        return [get_model(spec) for spec in resolved]
+
+    def _registrations(self) -> list:
+        """One registration per pass (the last one repeats)."""
+        specs = self.registration
+        if isinstance(specs, str) and specs == "auto":
+            # eddy smooths the first pass heavily: predictions from data that are still
+            # moving are blurred, and fine contrast (white matter at high b) misleads
+            return [RigidRegistration(smoothing=(3.0, 2.0, 2.0)), RigidRegistration()]
+        specs = specs if isinstance(specs, list | tuple) else [specs]
+        if not specs:
+            raise InputError("no registration given")
+        return [get_registration(s) for s in specs]
 
     def _identity(self, dataset) -> str:
-        config = [repr(m) for m in self._models()] + [repr(get_registration(self.registration))]
-        config += [self.passes, self.resample_order]
+        config = [repr(m) for m in self._models(dataset)]
+        config += [repr(r) for r in self._registrations()]
+        config += [self.passes, self.tolerance, self.frame_tie, self.initialize]
+        config += [self.resample_order]
         return tokenize(
-            dataset.dataobj.name, dataset.affine, _volume_meta(dataset), dataset.brainmask, config
+            dataset.dataobj.name,
+            dataset.affine,
+            dataset.volume_meta(),
+            dataset.brainmask,
+            config,
         )
 
     def _prepare(self, dataset, workdir):
@@ -231,17 +378,16 @@ class Estimator:
                     workdir,
                 )
         else:
-            with atomic_output(run_file) as temp, open(temp, "w") as f:
-                json.dump({"identity": identity, "n_volumes": len(dataset)}, f)
+            _save_json(run_file, {"identity": identity, "n_volumes": len(dataset)})
         return workdir
 
     def run(self, dataset, client=None, workdir=None):
-        """Estimate every volume's motion.
+        """Estimate the motion of every volume.
 
         Parameters
         ----------
         dataset : BaseDataset
-            Any lazy dataset (DWI, PET, ...).
+            Any lazy dataset (DWI, PET, ...).  A DWI's b=0 volumes are estimated too.
         client : distributed.Client, optional
             Run the tasks on this cluster (default: dask's current scheduler).
         workdir : path-like, optional
@@ -250,28 +396,75 @@ class Estimator:
 
         Returns
         -------
-        Dataset of the same type with ``motion_affines`` filled.
+        Dataset of the same type with ``motion_affines`` filled (a DWI also gets
+        ``b0_motion_affines``).  :attr:`report` describes the run.
         """
-        models = self._models()
-        registration = get_registration(self.registration)
-        if self.passes < 1:
-            raise InputError(f"passes must be at least 1, got {self.passes}")
-        order = self._check(dataset)
+        whole = dataset.whole_series()
+        models = self._models(whole)
+        registrations = self._registrations()
+        self._check_options(whole)
+        meta = whole.volume_meta()
+        bvals = meta["gradients"][:, 3] if "gradients" in meta else None
+        order = fold_order(len(whole), self.order, self.seed, bvals)
+        grouping = getattr(models[0], "frame_groups", None)
+        groups, reference_group = (grouping or frame_groups)(meta, len(whole))
         with _scheduler(client):
-            run = self._setup(dataset, workdir)
-            matrices = None
+            run = self._setup(whole, workdir, groups)
+            estimates = np.tile(np.eye(4), (len(whole), 1, 1))
+            history = []
+            # with the reference volumes spread through the acquisition (a DWI's
+            # interleaved b=0), the first pass registers them alone and starts the others
+            # from their motion interpolated in time: in the reference's frame, with
+            # errors that do not depend on the gradient direction
+            seed = (
+                self.initialize == "auto"
+                and self.passes > 1
+                and interleaved(groups, reference_group)
+            )
             for p in range(1, self.passes + 1):
                 model = models[min(p, len(models)) - 1]
-                predictions = self._predict(dataset, run, p, model, matrices)
-                matrices = self._register(dataset, run, p, predictions, registration, order)
-            matrices = self._to_reference(dataset, matrices)
-        return attrs.evolve(dataset, motion_affines=matrices)
+                previous = estimates if p > 1 else None
+                predictions, pass_meta = self._predict(whole, run, p, model, previous)
+                registration = registrations[min(p, len(registrations)) - 1]
+                folds = order
+                if p == 1 and seed:
+                    folds = [i for i in order if groups[i] == reference_group]
+                raw = self._register(whole, run, p, predictions, registration, folds, previous)
+                if p == 1 and seed:
+                    known = groups == reference_group
+                    raw = interpolate_in_time(raw, known, whole.affine, whole.shape3d)
+                    estimates = recentre(raw, known, whole.affine, whole.shape3d)
+                    tie = {"method": "interpolated in time from the reference group"}
+                else:
+                    fallback = "none" if seed else "image"
+                    estimates, tie = self._tie(
+                        whole, run, p, raw, groups, reference_group, fallback
+                    )
+                before = (
+                    previous if previous is not None else np.tile(np.eye(4), (len(whole), 1, 1))
+                )
+                changes = changes_mm(before, estimates, whole.affine, whole.shape3d)
+                history.append(
+                    {
+                        "pass": p,
+                        "largest_change_mm": float(changes.max()),
+                        "median_change_mm": float(np.median(changes)),
+                        "frame_tie": tie,
+                    }
+                )
+                if p >= 2 and changes.max() < self.tolerance:
+                    break
+            estimates = self._to_reference(whole, estimates)
+        self.report = self._report(whole, run, history, estimates, len(history))
+        _save_json(os.path.join(run.workdir, REPORT_FILE), self.report)
+        return dataset.with_whole_motion(estimates)
 
     def sweep(self, dataset, client=None, workdir=None) -> np.memmap:
         """Every fold's prediction by the (first) model, without registration.
 
-        A full leave-one-out sweep: the series is materialized and laid out
-        voxel-major once, then the model predicts each left-out volume.
+        A full leave-one-out sweep of :meth:`~nidask.BaseDataset.whole_series`: the
+        series is materialized and laid out voxel-major once, then the model
+        predicts each left-out volume.
 
         Returns
         -------
@@ -279,19 +472,32 @@ class Estimator:
             Column ``i`` is the prediction of volume ``i`` over the voxels of the
             (grown) mask saved as ``mask.npy`` in the run directory.
         """
-        self._check(dataset)
+        whole = dataset.whole_series()
+        self._check_options(whole)
+        model = self._models(whole)[0]
+        grouping = getattr(model, "frame_groups", None)
+        groups, _ = (grouping or frame_groups)(whole.volume_meta(), len(whole))
         with _scheduler(client):
-            run = self._setup(dataset, workdir)
-            return np.load(self._predict(dataset, run, 1, self._models()[0], None), mmap_mode="r")
+            run = self._setup(whole, workdir, groups)
+            path, _ = self._predict(whole, run, 1, model, None)
+            return np.load(path, mmap_mode="r")
 
-    def _check(self, dataset) -> np.ndarray:
+    def _check_options(self, dataset) -> None:
+        if self.passes < 1:
+            raise InputError(f"passes must be at least 1, got {self.passes}")
+        if not (self.tolerance >= 0):
+            raise InputError(f"tolerance must be a non-negative number, got {self.tolerance}")
+        if self.initialize not in ("auto", "none"):
+            raise InputError(f"unknown initialization {self.initialize!r} (use 'auto' or 'none')")
+        if self.frame_tie not in METHODS:
+            raise InputError(
+                f"unknown frame tie {self.frame_tie!r} (use one of {', '.join(METHODS)})"
+            )
         if len(dataset) < 3:
             raise InputError(f"leave-one-out needs at least 3 volumes, got {len(dataset)}")
-        order = fold_order(len(dataset), self.order, self.seed, getattr(dataset, "bvals", None))
         self._to_reference(dataset, np.tile(np.eye(4), (len(dataset), 1, 1)))
-        return order
 
-    def _setup(self, dataset, workdir) -> _Run:
+    def _setup(self, dataset, workdir, groups) -> _Run:
         workdir = self._prepare(dataset, workdir)
         remove_stale_temporaries(workdir)  # of an earlier, killed attempt
         raw = self._step(
@@ -305,15 +511,24 @@ class Estimator:
                 mask = default_mask(raw, dataset.shape3d)
             _save_atomic(mask_path, np.asarray(mask, dtype=bool))
         mask = np.load(mask_path)
+        interior = os.path.join(workdir, "interior.npy")
+        if not os.path.exists(interior):
+            _save_atomic(interior, interior_rows(mean_volume(raw), mask))
+        flags = check_field_of_view(
+            dataset.shape3d, dataset.affine, mask, (dataset.inputs or (None,))[0]
+        )
         voxel_meta = {}
-        if isinstance(dataset, DWI) and dataset.bzero is not None:
+        bzero = getattr(dataset, "bzero", None)
+        if bzero is not None:
 
             def write_bzero(path):  # computed only when the run has not recorded it yet
-                bzero = np.asarray(dask.compute(dataset.bzero)[0])[grow_mask(mask)]
-                write_vector(path, bzero)
+                volume = np.asarray(dask.compute(bzero)[0], dtype=np.float32)
+                # the same (Fortran) voxel order as the voxel-major data and predictions
+                values = volume.ravel(order="F")[mask_index(grow_mask(mask))]
+                write_vector(path, values)
 
             voxel_meta["bzero"] = self._step(os.path.join(workdir, "bzero.npy"), write_bzero)
-        return _Run(workdir, raw, mask, mask_path, voxel_meta)
+        return _Run(workdir, raw, mask, mask_path, voxel_meta, tuple(flags), groups, interior)
 
     def _step(self, path: str, produce) -> str:
         """Run ``produce(temp)`` unless ``path`` exists; rename on success."""
@@ -322,56 +537,156 @@ class Estimator:
                 produce(temp)
         return path
 
-    def _predict(self, dataset, run: _Run, p: int, model, previous) -> str:
+    def _predict(self, dataset, run: _Run, p: int, model, previous):
         """Pass ``p``'s fold predictions (training data corrected by ``previous``)."""
         folder = os.path.join(run.workdir, f"pass-{p}")
         os.makedirs(folder, exist_ok=True)
-        training = run.raw
+        training, source = run.raw, dataset
         if previous is not None:
-            corrected = attrs.evolve(dataset, motion_affines=previous).resampled(
-                order=self.resample_order
-            )
+            source = dataset.with_whole_motion(previous).resampled(order=self.resample_order)
             training = self._step(
                 os.path.join(folder, "corrected.npy"),
-                lambda t: corrected.materialize(t, progress=self.progress),
+                lambda t: source.materialize(t, progress=self.progress),
             )
+        meta = source.volume_meta()  # b-vectors rotated with the previous estimates
         voxels = self._step(
             os.path.join(folder, "voxels.npy"),
             lambda t: write_voxel_major(training, grow_mask(run.mask), t, progress=self.progress),
         )
-        meta = _volume_meta(dataset)
-        return self._step(
-            os.path.join(folder, "predictions.npy"),
-            lambda t: sweep_predictions(
-                voxels, model, meta, t, voxel_meta=run.voxel_meta, progress=self.progress
-            ),
-        )
+        prepare = getattr(model, "prepare", None)
+        if prepare is not None:
+            model = prepare(sample_rows(voxels, 20000, np.load(run.interior)), meta)
+        residuals = os.path.join(folder, "residuals.npy")
 
-    def _register(self, dataset, run: _Run, p: int, predictions: str, registration, order):
-        """Register every fold not yet recorded in pass ``p``; return all matrices."""
+        def sweep(target):
+            # the residuals are written beside the predictions, under the same guard
+            sweep_predictions(
+                voxels,
+                model,
+                meta,
+                target,
+                voxel_meta=run.voxel_meta,
+                groups=run.groups,
+                residuals=residuals,
+                progress=self.progress,
+            )
+
+        path = self._step(os.path.join(folder, "predictions.npy"), sweep)
+        return path, meta
+
+    def _register(self, dataset, run, p, predictions, registration, order, previous):
+        """Register the folds of ``order`` not yet recorded in pass ``p``.
+
+        Returns every volume's matrix (identity, or ``previous``, for folds not
+        in ``order``).
+        """
         folder = os.path.join(run.workdir, f"pass-{p}")
         records = [os.path.join(folder, f"fold-{i:05d}.npy") for i in range(len(dataset))]
+        residuals = os.path.join(folder, "residuals.npy")
+        labels = np.unique(run.groups)
         todo = [int(i) for i in order if not os.path.exists(records[i])]
         tasks = [
             dask.delayed(register_fold, pure=False)(
-                run.raw, predictions, run.mask_path, i, dataset.affine, registration, records[i]
+                run.raw,
+                predictions,
+                run.mask_path,
+                i,
+                dataset.affine,
+                registration,
+                records[i],
+                None if previous is None else previous[i],
+                (residuals, int(np.searchsorted(labels, run.groups[i]))),
             )
             for i in todo
         ]
         compute(*tasks, label=f"pass {p}: registering {len(todo)} folds", progress=self.progress)
         # a worker lost mid-write (or a killed earlier attempt) leaves its temporary record
         remove_stale_temporaries(folder)
-        return np.stack([np.load(r) for r in records])
+        wanted = set(int(i) for i in order)
+        fallback = np.tile(np.eye(4), (len(dataset), 1, 1)) if previous is None else previous
+        return np.stack(
+            [np.load(r) if i in wanted else fallback[i] for i, r in enumerate(records)]
+        )
+
+    def _tie(self, dataset, run, p, raw, groups, reference_group, fallback):
+        """Frames of every group tied to the reference's, recentred on it; recorded."""
+        path = os.path.join(run.workdir, f"pass-{p}", "motion.npy")
+        info_path = os.path.join(run.workdir, f"pass-{p}", "frames.json")
+        if os.path.exists(path) and os.path.exists(info_path):
+            with open(info_path) as f:
+                return np.load(path), json.load(f)
+        training = run.raw if p == 1 else os.path.join(run.workdir, f"pass-{p}", "corrected.npy")
+
+        def group_mean(group):  # the group's training volumes sit in its frame
+            members = np.flatnonzero(groups == group)
+            return sum(read_volume(training, int(i)) for i in members) / len(members)
+
+        bvals = dataset.volume_meta().get("gradients")
+        order = None
+        if bvals is not None:  # image chain from the reference on, by b-value
+            labels = np.unique(groups)
+            order = sorted(labels, key=lambda g: float(np.median(bvals[groups == g, 3])))
+        tied, info = tie_frames(
+            raw,
+            groups,
+            reference_group,
+            dataset.affine,
+            dataset.shape3d,
+            method=self.frame_tie,
+            images=group_mean,
+            group_order=order,
+            fallback=fallback,
+        )
+        selection = groups == reference_group if reference_group is not None else slice(None)
+        tied = recentre(tied, selection, dataset.affine, dataset.shape3d)
+        _save_json(info_path, info)
+        _save_atomic(path, tied)
+        return tied, info
+
+    def _report(self, dataset, run, history, estimates, last_pass) -> dict:
+        folder = os.path.join(run.workdir, f"pass-{last_pass}")
+        centre = fov_center(dataset.affine, dataset.shape3d)
+        volumes = []
+        for i, matrix in enumerate(estimates):
+            quality_file = os.path.join(folder, f"fold-{i:05d}.json")
+            quality = {}
+            if os.path.exists(quality_file):
+                with open(quality_file) as f:
+                    quality = json.load(f)
+            params = rigid_params(matrix, center=centre)
+            flags = list(run.flags)
+            if (
+                np.linalg.norm(params[:3]) > self.max_motion[0]
+                or math.degrees(np.linalg.norm(params[3:])) > self.max_motion[1]
+            ):
+                flags.append("implausible")
+            if quality.get("converged") is False:
+                flags.append("unconverged")
+            volumes.append(
+                {
+                    "index": int(dataset.original_index[i]),
+                    "similarity": quality.get("similarity"),
+                    "flags": flags,
+                }
+            )
+        similarities = np.array([v["similarity"] or np.nan for v in volumes], dtype=float)
+        if np.isfinite(similarities).sum() >= 5:
+            median = np.nanmedian(similarities)
+            spread = 1.4826 * np.nanmedian(np.abs(similarities - median))
+            for v, s in zip(volumes, similarities, strict=True):
+                if np.isfinite(s) and s < median - 5 * max(spread, 0.01):
+                    v["flags"].append("poor_fit")
+        return {"passes": history, "volumes": volumes, "flags": list(run.flags)}
 
     def _to_reference(self, dataset, matrices):
         reference = self.reference
-        if isinstance(reference, str) and reference == "model":
+        if isinstance(reference, str) and reference in ("template", "model"):
             return matrices
         if isinstance(reference, int | np.integer) and not isinstance(reference, bool):
             if not -len(dataset) <= reference < len(dataset):
                 raise InputError(f"reference volume {reference} out of range")
             return matrices @ np.linalg.inv(matrices[reference])
-        raise InputError(f"unknown reference {reference!r} (use 'model' or a volume index)")
+        raise InputError(f"unknown reference {reference!r} (use 'template' or a volume index)")
 
 
 def clear_run(workdir) -> None:

@@ -67,7 +67,7 @@ def common_offset(estimated, true, affine, shape3d) -> np.ndarray:
     return rigid_matrix(np.r_[median[:3], np.radians(median[3:])], center=centre)
 
 
-def motion_errors(estimated, true, affine, shape3d, *, align: bool = True) -> dict:
+def motion_errors(estimated, true, affine, shape3d, *, align: bool = True, mask=None) -> dict:
     """Per-volume error of estimated motion matrices against the truth.
 
     Parameters
@@ -82,6 +82,9 @@ def motion_errors(estimated, true, affine, shape3d, *, align: bool = True) -> di
     align : bool
         Remove the common rigid offset between the two frames first (see the
         module docstring).  Without it the raw difference is reported.
+    mask : ndarray of bool (X, Y, Z), optional
+        A brain mask: also report ``displacement_mm``, each volume's residual
+        displacement averaged over the mask's voxels (DESIGN.md's measure).
 
     Returns
     -------
@@ -108,6 +111,26 @@ def motion_errors(estimated, true, affine, shape3d, *, align: bool = True) -> di
         translation.append(float(np.linalg.norm((residual @ centre - centre)[:3])))
         rotation.append(rotation_angle(residual))
     translation, rotation = np.array(translation), np.array(rotation)
+    extra = {}
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != tuple(shape3d):
+            raise InputError(f"mask shape {mask.shape} differs from the grid {tuple(shape3d)}")
+        points = np.asarray(affine, dtype=float) @ np.vstack(
+            [np.argwhere(mask).T, np.ones(mask.sum())]
+        )
+        displacement = []
+        for e, t in zip(estimated, true, strict=True):
+            residual = np.linalg.inv(t) @ e @ inverse_offset
+            displacement.append(
+                float(np.linalg.norm((residual @ points - points)[:3], axis=0).mean())
+            )
+        displacement = np.array(displacement)
+        extra = {
+            "displacement_mm": displacement,
+            "displacement_mm_median": float(np.median(displacement)),
+            "displacement_mm_max": float(displacement.max()),
+        }
     return {
         "n_volumes": len(estimated),
         "translation_mm": translation,
@@ -119,4 +142,5 @@ def motion_errors(estimated, true, affine, shape3d, *, align: bool = True) -> di
         "worst_volume": int(np.argmax(translation)),
         "offset": offset,
         "offset_parameters": motion_parameters(offset, affine, shape3d),
+        **extra,
     }

@@ -1,10 +1,13 @@
 """Export a dataset to NIfTI with its sidecars, all-or-nothing.
 
-A dataset with motion matrices is resampled block by block on its way to disk.
-A DWI also gets ``.bval``/``.bvec`` beside the image (b-vectors rotated into the
-reference frame when resampled) and, with ``insert_b0=True``, its ``bzero`` as the
-first volume with a null gradient.  ``write_hmxfms=True`` writes every volume's
-transform into one X5 file.  All files appear together or none does.
+The whole series is written in file order (:meth:`BaseDataset.whole_series`: a
+DWI's b=0 volumes included, each corrected with its own matrix).  A dataset with
+motion matrices is resampled block by block on its way to disk.  A DWI also gets
+``.bval``/``.bvec`` beside the image (b-vectors rotated into the reference frame
+when resampled).  ``b0_volumes=False`` writes the diffusion-weighted volumes only,
+and ``insert_b0=True`` nifreeze's layout: its ``bzero`` first, with a null
+gradient, then the diffusion-weighted volumes.  ``write_hmxfms=True`` writes every
+written volume's transform into one X5 file.  All files appear together or none does.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def export_nifti(
     write_hmxfms: bool = False,
     dtype=None,
     insert_b0: bool = False,
+    b0_volumes: bool = True,
     bvals_dec_places: int = 2,
     bvecs_dec_places: int = 6,
     mode: str = "constant",
@@ -57,16 +61,18 @@ def export_nifti(
     """Write ``dataset`` (resampled when it has motion matrices) as NIfTI.
 
     See :meth:`nidask.BaseDataset.to_nifti` for the parameters; DWI-only ones are
-    ``insert_b0``, ``bvals_dec_places`` and ``bvecs_dec_places``.
+    ``insert_b0``, ``b0_volumes``, ``bvals_dec_places`` and ``bvecs_dec_places``.
     """
     from .dmri import DWI
 
+    is_dwi = isinstance(dataset, DWI)
+    if b0_volumes and not insert_b0:
+        dataset = dataset.whole_series()
     moved = dataset.motion_affines is not None
     if write_hmxfms and not moved:
         raise InputError("write_hmxfms=True but the dataset has no motion matrices")
     output = dataset.resampled(order=order, mode=mode, cval=cval) if moved else dataset
     data = output.dataobj
-    is_dwi = isinstance(dataset, DWI)
     gradients = output.gradients if is_dwi else None
     if insert_b0:
         if not is_dwi or dataset.bzero is None:

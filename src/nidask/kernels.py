@@ -162,3 +162,157 @@ def affine_transform(volume, matrix, order: int, cval: float, output) -> np.ndar
         coef = ndi.spline_filter(volume, order=3, output=np.float64, mode="constant")
         transform(np.asfortranarray(coef), linear, offset, float(cval), output, cubic_at, scratch)
     return output
+
+
+@functools.cache
+def _build_sampler():
+    import numba
+
+    @numba.njit(nogil=True, cache=False, inline="always")
+    def _axis(v, n):  # pragma: no cover - compiled
+        """Base index and weight of ``v`` on an axis of ``n`` (scipy's mode="nearest")."""
+        c = min(max(v, 0.0), n - 1.0)
+        base = min(int(np.floor(c)), max(n - 2, 0))
+        return base, c - base, 0.0 <= v < n - 1.0
+
+    @numba.njit(nogil=True, cache=False)
+    def _sample(volume, points, linear, offset, values, gradient):  # pragma: no cover
+        nx, ny, nz = volume.shape
+        sx, sy, sz = min(nx - 1, 1), min(ny - 1, 1), min(nz - 1, 1)
+        for p in range(points.shape[0]):
+            x, y, z = points[p, 0], points[p, 1], points[p, 2]
+            vx = linear[0, 0] * x + linear[0, 1] * y + linear[0, 2] * z + offset[0]
+            vy = linear[1, 0] * x + linear[1, 1] * y + linear[1, 2] * z + offset[1]
+            vz = linear[2, 0] * x + linear[2, 1] * y + linear[2, 2] * z + offset[2]
+            i, fx, gx = _axis(vx, nx)
+            j, fy, gy = _axis(vy, ny)
+            k, fz, gz = _axis(vz, nz)
+            c000 = volume[i, j, k]
+            c100 = volume[i + sx, j, k]
+            c010 = volume[i, j + sy, k]
+            c110 = volume[i + sx, j + sy, k]
+            c001 = volume[i, j, k + sz]
+            c101 = volume[i + sx, j, k + sz]
+            c011 = volume[i, j + sy, k + sz]
+            c111 = volume[i + sx, j + sy, k + sz]
+            # bilinear in (y, z) at the two x planes, and so on for each axis
+            x0 = (c000 * (1 - fy) + c010 * fy) * (1 - fz) + (c001 * (1 - fy) + c011 * fy) * fz
+            x1 = (c100 * (1 - fy) + c110 * fy) * (1 - fz) + (c101 * (1 - fy) + c111 * fy) * fz
+            values[p] = x0 * (1 - fx) + x1 * fx
+            if gradient.shape[0] == 0:
+                continue
+            gradient[p, 0] = (x1 - x0) if gx else 0.0
+            if gy:
+                y0 = (c000 * (1 - fx) + c100 * fx) * (1 - fz) + (c001 * (1 - fx) + c101 * fx) * fz
+                y1 = (c010 * (1 - fx) + c110 * fx) * (1 - fz) + (c011 * (1 - fx) + c111 * fx) * fz
+                gradient[p, 1] = y1 - y0
+            else:
+                gradient[p, 1] = 0.0
+            if gz:
+                z0 = (c000 * (1 - fx) + c100 * fx) * (1 - fy) + (c010 * (1 - fx) + c110 * fx) * fy
+                z1 = (c001 * (1 - fx) + c101 * fx) * (1 - fy) + (c011 * (1 - fx) + c111 * fx) * fy
+                gradient[p, 2] = z1 - z0
+            else:
+                gradient[p, 2] = 0.0
+
+    @numba.njit(nogil=True, cache=False, inline="always")
+    def _mirror(index, n):  # pragma: no cover - compiled
+        if n == 1:
+            return 0
+        if index < 0:
+            index = -index
+        period = 2 * n - 2
+        index = index % period
+        return period - index if index >= n else index
+
+    @numba.njit(nogil=True, cache=False, inline="always")
+    def _cubic_axis(c, n, weights, slopes, indices):  # pragma: no cover - compiled
+        """Cubic B-spline weights, their derivatives and (mirrored) indices on one axis."""
+        c = min(max(c, 0.0), n - 1.0)
+        f = np.floor(c)
+        t = c - f
+        u = 1.0 - t
+        weights[0] = u * u * u / 6.0
+        weights[1] = (3.0 * t * t * t - 6.0 * t * t + 4.0) / 6.0
+        weights[2] = (-3.0 * t * t * t + 3.0 * t * t + 3.0 * t + 1.0) / 6.0
+        weights[3] = t * t * t / 6.0
+        slopes[0] = -0.5 * u * u
+        slopes[1] = 1.5 * t * t - 2.0 * t
+        slopes[2] = -1.5 * t * t + t + 0.5
+        slopes[3] = 0.5 * t * t
+        for a in range(4):
+            indices[a] = _mirror(int(f) - 1 + a, n)
+
+    @numba.njit(nogil=True, cache=False)
+    def _sample_cubic(coef, points, linear, offset, values, gradient):  # pragma: no cover
+        nx, ny, nz = coef.shape
+        w = np.empty((3, 4))
+        s = np.empty((3, 4))
+        ix = np.empty((3, 4), np.int64)
+        want = gradient.shape[0] > 0
+        for p in range(points.shape[0]):
+            x, y, z = points[p, 0], points[p, 1], points[p, 2]
+            vx = linear[0, 0] * x + linear[0, 1] * y + linear[0, 2] * z + offset[0]
+            vy = linear[1, 0] * x + linear[1, 1] * y + linear[1, 2] * z + offset[1]
+            vz = linear[2, 0] * x + linear[2, 1] * y + linear[2, 2] * z + offset[2]
+            _cubic_axis(vx, nx, w[0], s[0], ix[0])
+            _cubic_axis(vy, ny, w[1], s[1], ix[1])
+            _cubic_axis(vz, nz, w[2], s[2], ix[2])
+            value = gx = gy = gz = 0.0
+            for c in range(4):
+                for b in range(4):
+                    line = dline = 0.0
+                    for a in range(4):
+                        coefficient = coef[ix[0, a], ix[1, b], ix[2, c]]
+                        line += coefficient * w[0, a]
+                        dline += coefficient * s[0, a]
+                    value += line * w[1, b] * w[2, c]
+                    gx += dline * w[1, b] * w[2, c]
+                    gy += line * s[1, b] * w[2, c]
+                    gz += line * w[1, b] * s[2, c]
+            values[p] = value
+            if want:
+                # outside the grid the sample is clamped: no slope across the edge
+                gradient[p, 0] = gx if 0.0 <= vx <= nx - 1.0 else 0.0
+                gradient[p, 1] = gy if 0.0 <= vy <= ny - 1.0 else 0.0
+                gradient[p, 2] = gz if 0.0 <= vz <= nz - 1.0 else 0.0
+
+    return _sample, _sample_cubic
+
+
+def sampler_available() -> bool:
+    """Whether the compiled point sampler of :func:`sample_points` serves here."""
+    return dask.config.get("nidask.kernels", "auto") != "scipy" and _numba_installed()
+
+
+def sample_points(volume, points, linear, offset, gradient: bool = True, order: int = 1):
+    """Values (and exact gradients) of ``volume`` at ``linear @ p + offset``.
+
+    ``points`` is an (n, 3) float64 array.  Order 1: ``volume`` is a 3D float32
+    image, sampled as ``scipy.ndimage.map_coordinates(order=1, mode="nearest")``.
+    Order 3: ``volume`` holds cubic B-spline coefficients
+    (``scipy.ndimage.spline_filter(image, 3, mode="mirror")``, float64), sampled as
+    ``map_coordinates(order=3, mode="mirror", prefilter=False)`` inside the grid and
+    at the nearest edge outside it.  The gradient is the derivative of the
+    interpolant along each voxel axis (zero where a coordinate lies outside the
+    grid), shape (n, 3).  Returns ``(values, gradient)`` as float64 (``gradient`` is
+    ``None`` unless asked for).
+    """
+    with _BUILD_LOCK:
+        linear_kernel, cubic_kernel = _build_sampler()
+    n = len(points)
+    values = np.empty(n)
+    grad = np.empty((n, 3)) if gradient else np.empty((0, 3))
+    if order == 3:
+        kernel, volume = cubic_kernel, np.ascontiguousarray(volume, dtype=np.float64)
+    else:
+        kernel, volume = linear_kernel, np.ascontiguousarray(volume, dtype=np.float32)
+    kernel(
+        volume,
+        np.ascontiguousarray(points, dtype=np.float64),
+        np.ascontiguousarray(linear, dtype=np.float64),
+        np.ascontiguousarray(offset, dtype=np.float64),
+        values,
+        grad,
+    )
+    return values, (grad if gradient else None)

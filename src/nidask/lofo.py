@@ -148,7 +148,15 @@ def write_voxel_major(volumes: str, mask: np.ndarray, target: str, *, progress=N
 
 
 def _predict_block(
-    voxels: str, target: str, start: int, stop: int, model, meta: dict, voxel_meta: dict, folds
+    voxels: str,
+    target: str,
+    start: int,
+    stop: int,
+    model,
+    meta: dict,
+    voxel_meta: dict,
+    folds,
+    residuals: tuple | None = None,
 ) -> None:
     data = read_rows(voxels, start, stop)
     block_meta = dict(meta)
@@ -164,6 +172,20 @@ def _predict_block(
             pwrite_all(fd, column.data, offset + (int(fold) * n_rows + start) * 4)
     finally:
         os.close(fd)
+    if residuals is not None:
+        path, groups = residuals
+        squared = (data[:, list(folds)] - predictions) ** 2
+        labels = np.unique(groups)
+        chosen = np.asarray(groups)[list(folds)]
+        variance = np.stack([squared[:, chosen == g].mean(axis=1) for g in labels], axis=1)
+        offset = read_npy_header(path)[3]
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            for k in range(len(labels)):
+                column = np.ascontiguousarray(variance[:, k], dtype=np.float32)
+                pwrite_all(fd, column.data, offset + (k * n_rows + start) * 4)
+        finally:
+            os.close(fd)
 
 
 def sweep_predictions(
@@ -174,6 +196,8 @@ def sweep_predictions(
     *,
     voxel_meta: dict | None = None,
     folds=None,
+    groups=None,
+    residuals: str | None = None,
     progress=None,
 ) -> str:
     """Predict every fold for every voxel, block by block, into ``target``.
@@ -192,14 +216,26 @@ def sweep_predictions(
         Voxel covariates (e.g. ``bzero``) as (n_voxels,) ``.npy`` paths.
     folds : sequence of int, optional
         Folds to compute (default all); others stay zero.
+    groups : array of int (N,), optional
+        Prediction group of every volume, for ``residuals``.
+    residuals : str, optional
+        Also write here an (n_voxels, n_groups) float32 ``.npy``: each voxel's mean
+        squared leave-one-out residual over each group's folds (groups in sorted
+        order), the model's own error where it predicts.
     """
     (n_voxels, n), *_ = read_npy_header(voxels)
     folds = list(range(n)) if folds is None else [int(f) for f in folds]
     create_npy(target, (n_voxels, n), np.float32, fortran_order=True)
+    extra = None
+    if residuals is not None:
+        if groups is None or len(groups) != n:
+            raise InputError(f"residuals need the group of each of the {n} volumes")
+        create_npy(residuals, (n_voxels, len(np.unique(groups))), np.float32, fortran_order=True)
+        extra = (residuals, np.asarray(groups))
     rows = max(1, chunk_bytes() // (n * 4 * 4))
     tasks = [
         dask.delayed(_predict_block, pure=False)(
-            voxels, target, a, min(a + rows, n_voxels), model, meta, voxel_meta or {}, folds
+            voxels, target, a, min(a + rows, n_voxels), model, meta, voxel_meta or {}, folds, extra
         )
         for a in range(0, n_voxels, rows)
     ]

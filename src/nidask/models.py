@@ -29,6 +29,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from . import gaussian_process as gp
+from .config import b0_threshold
 from .errors import InputError
 
 VOLUME_META = ("gradients", "midframe")
@@ -69,8 +71,29 @@ class FoldModel:
     def predict_folds(self, data: np.ndarray, meta: dict, folds) -> np.ndarray:
         return predict_folds_by_fitting(self, data, meta, folds)
 
+    def frame_groups(self, meta: dict, n: int) -> tuple[np.ndarray, int | None]:
+        """See :func:`frame_groups`."""
+        return frame_groups(meta, n)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def frame_groups(meta: dict, n: int) -> tuple[np.ndarray, int | None]:
+    """Groups of volumes whose predictions share a frame, and the reference group.
+
+    A leave-one-out prediction sits in the mean position of the volumes it is made
+    from, so volumes predicted from different pools end up in different frames
+    until the estimator ties the frames together.  With gradients, the pools are
+    the b-value shells and the b=0 volumes (label 0) are the reference; otherwise
+    all volumes share one frame and there is no reference group.
+    """
+    if "gradients" not in meta:
+        return np.zeros(n, dtype=int), None
+    bvals = np.asarray(meta["gradients"])[:, 3]
+    labels = gp.shell_labels(bvals)
+    b0 = bvals <= b0_threshold()
+    return labels, (int(labels[b0][0]) if b0.any() else None)
 
 
 def shell_members(meta: dict, n: int, per_shell: bool, tolerance: float) -> np.ndarray:
@@ -208,50 +231,135 @@ def tensor_design(gradients: np.ndarray) -> np.ndarray:
 
 
 class DTIModel(FoldModel):
-    """Log-linear least-squares diffusion tensor fit (with the b=0 signal as S0).
+    """Diffusion tensor, log-linear weighted least squares, S0 fitted with the b=0 volumes.
 
-    ``log S = log S0 - b gᵀ D g``; with ``bzero`` available S0 is fixed to it,
-    otherwise log S0 is fitted as an intercept.
+    ``log S = log S0 - b gᵀ D g`` is fitted per voxel on every volume, b=0 volumes
+    included (they pin S0), with weights ``S²`` from an ordinary least-squares
+    first pass (the usual WLS for log signals).  Leave-one-out predictions come
+    from the leverages of that single fit: with fixed weights, fitting without
+    volume i changes the fitted log signal at i by ``h_ii e_i / (1 - h_ii)``
+    exactly.  Without any b=0 column, a ``bzero`` covariate (given as voxel
+    metadata) stands in for the b=0 volumes.
     """
 
     def __init__(self, min_signal: float = 1e-3):
         self.min_signal = min_signal
 
-    def _design(self, gradients, with_intercept):
-        design = tensor_design(gradients)
-        return np.hstack([np.ones((len(design), 1)), design]) if with_intercept else design
-
-    def _log(self, values):
-        return np.log(np.maximum(values, self.min_signal))
+    def _columns(self, data, meta):
+        if "gradients" not in meta:
+            raise InputError("the dti model needs a DWI (gradients)")
+        gradients = np.asarray(meta["gradients"], dtype=float)
+        bzero = meta.get("bzero")
+        if bzero is not None and not np.any(gradients[:, 3] <= b0_threshold()):
+            data = np.column_stack([data, np.asarray(bzero, dtype=data.dtype)])
+            gradients = np.vstack([gradients, np.zeros((1, 4))])
+        design = np.hstack([np.ones((len(gradients), 1)), tensor_design(gradients)])
+        return np.log(np.maximum(np.asarray(data, dtype=np.float64), self.min_signal)), design
 
     def fit(self, data, **meta):
-        if "gradients" not in meta:
-            raise InputError("the dti model needs a DWI (gradients)")
-        self._bzero = meta.get("bzero")
-        free = self._bzero is None
-        y = self._log(data) - (0 if free else self._log(self._bzero)[:, None])
-        self._coef = y @ np.linalg.pinv(self._design(meta["gradients"], free)).T
+        self._log, self._design = self._columns(data, meta)
+        self._coef = _weighted_fit(self._log, self._design)[0]
 
     def predict(self, **meta):
-        design = self._design(np.atleast_2d(meta["gradients"]), self._bzero is None)[0]
-        log_s = self._coef @ design + (0 if self._bzero is None else self._log(self._bzero))
-        return np.exp(log_s).astype(np.float32)
+        gradients = np.atleast_2d(meta["gradients"])
+        row = np.hstack([np.ones((len(gradients), 1)), tensor_design(gradients)])[0]
+        return np.exp(np.clip(self._coef @ row, -30, 30)).astype(np.float32)
 
     def predict_folds(self, data, meta, folds):
-        if "gradients" not in meta:
-            raise InputError("the dti model needs a DWI (gradients)")
-        bzero = meta.get("bzero")
-        free = bzero is None
-        design = self._design(meta["gradients"], free)
-        y = self._log(data) - (0 if free else self._log(bzero)[:, None])
-        out = np.empty((data.shape[0], len(folds)), dtype=np.float32)
+        log_signal, design = self._columns(data, meta)
+        coef, leverage = _weighted_fit(log_signal, design)
+        fitted = coef @ design.T
         n = data.shape[1]
-        for j, fold in enumerate(folds):
-            train = np.delete(np.arange(n), fold)
-            weights = np.linalg.pinv(design[train]).T @ design[fold]
-            log_s = y[:, train] @ weights + (0 if free else self._log(bzero))
-            out[:, j] = np.exp(np.clip(log_s, -30, 30))
-        return out
+        residual = log_signal[:, :n] - fitted[:, :n]
+        loo = fitted[:, :n] - leverage[:, :n] * residual / np.maximum(1 - leverage[:, :n], 1e-6)
+        return np.exp(np.clip(loo[:, list(folds)], -30, 30)).astype(np.float32)
+
+
+def _weighted_fit(log_signal: np.ndarray, design: np.ndarray):
+    """Per-row WLS coefficients (V, p) and leverages (V, N) of ``log_signal ~ design``."""
+    ols = log_signal @ np.linalg.pinv(design).T
+    weights = np.exp(2.0 * np.clip(ols @ design.T, -30, 30))
+    weights /= np.maximum(weights.max(axis=1, keepdims=True), 1e-300)
+    gram = np.einsum("vn,nj,nk->vjk", weights, design, design)
+    gram += np.eye(design.shape[1]) * 1e-10
+    inverse = np.linalg.inv(gram)
+    coef = np.einsum("vjk,vk->vj", inverse, (weights * log_signal) @ design)
+    leverage = weights * np.einsum("nj,vjk,nk->vn", design, inverse, design)
+    return coef, leverage
+
+
+class GPModel(FoldModel):
+    """Gaussian-process prediction across directions and shells (FSL eddy's predictor).
+
+    See :mod:`nidask.gaussian_process`.  Diffusion-weighted volumes are predicted by
+    the process, with hyperparameters fitted by :meth:`prepare` (the estimator calls
+    it once per pass on a voxel sample; a block is used when it was not called);
+    b=0 volumes by the mean of the other b=0 volumes.
+
+    Parameters
+    ----------
+    sample_voxels : int
+        Voxels with the largest within-shell variance used to fit the
+        hyperparameters.
+    hyperparameters : tuple, optional
+        ``(ratio, angular_length, bvalue_length, sigma2)`` already fitted.
+    """
+
+    def __init__(self, sample_voxels: int = 3000, hyperparameters=None):
+        self.sample_voxels = int(sample_voxels)
+        self.hyperparameters = None if hyperparameters is None else tuple(hyperparameters)
+
+    @staticmethod
+    def _split(meta):
+        if "gradients" not in meta:
+            raise InputError("the gp model needs a DWI (gradients)")
+        gradients = np.asarray(meta["gradients"], dtype=float)
+        b0 = gradients[:, 3] <= b0_threshold()
+        return gradients, np.flatnonzero(b0), np.flatnonzero(~b0)
+
+    def prepare(self, sample: np.ndarray, meta: dict) -> GPModel:
+        """A copy with hyperparameters fitted on ``sample`` (n_voxels, N).
+
+        The noise variance comes from the b=0 volumes when there are three or more
+        (:func:`~nidask.gaussian_process.noise_variance`); the other hyperparameters
+        from the voxels with the largest within-shell variance.
+        """
+        gradients, b0, dw = self._split(meta)
+        if len(dw) < 3:
+            raise InputError(f"the gp model needs diffusion-weighted volumes, found {len(dw)}")
+        sample = np.asarray(sample, dtype=np.float64)
+        values = sample[:, dw]
+        basis = gp.mean_basis(gradients[dw])
+        means = (values @ basis) / basis.sum(axis=0)
+        spread = ((values - means @ basis.T) ** 2).mean(axis=1)
+        rows = np.argsort(spread)[-self.sample_voxels :]
+        sigma2 = gp.noise_variance(sample[:, b0]) if len(b0) else None
+        fitted = gp.fit_hyperparameters(values[rows], gradients[dw], sigma2)
+        return GPModel(self.sample_voxels, fitted)
+
+    def fit(self, data, **meta):
+        self._data, self._meta = data, meta
+
+    def predict(self, **meta):
+        raise InputError("the gp model predicts left-out volumes only (use predict_folds)")
+
+    def predict_folds(self, data, meta, folds):
+        model = self if self.hyperparameters is not None else self.prepare(data, meta)
+        _, angular, across, sigma2 = model.hyperparameters
+        gradients, b0, dw = self._split(meta)
+        out = np.empty(data.shape, dtype=np.float32)
+        out[:, dw] = gp.predict_all_folds(data[:, dw], gradients[dw], angular, across, sigma2)
+        if len(b0) > 1:
+            total = data[:, b0].sum(axis=1, dtype=np.float64)[:, None]
+            out[:, b0] = (total - data[:, b0]) / (len(b0) - 1)
+        elif len(b0) == 1:
+            out[:, b0] = data[:, b0]  # a lone b=0 is the reference: nothing to predict it from
+        return out[:, list(folds)]
+
+    def __repr__(self):
+        return (
+            f"GPModel(sample_voxels={self.sample_voxels}, hyperparameters={self.hyperparameters})"
+        )
 
 
 class TemporalModel(FoldModel):
@@ -339,6 +447,7 @@ MODELS: dict[str, Callable[[], Model]] = {
     "median": lambda: AverageModel(stat="median"),
     "b0": B0Model,
     "dti": DTIModel,
+    "gp": GPModel,
     "pet": TemporalModel,
     "temporal": TemporalModel,
 }
@@ -371,6 +480,7 @@ __all__ = [
     "B0Model",
     "CallableModel",
     "DTIModel",
+    "GPModel",
     "MODELS",
     "Model",
     "TemporalModel",

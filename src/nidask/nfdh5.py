@@ -27,7 +27,9 @@ from .store import HDF5Target, reserve, store, write_blocks
 FORMATS = {"NFDH5", "EMC/PET"}
 VERSIONS = {1, 2}
 TYPES: dict[str, type[BaseDataset]] = {cls.nfdh5_type: cls for cls in (BaseDataset, DWI, PET)}
-PRIVATE_FIELDS = {"original_index"}
+PRIVATE_FIELDS = {"original_index", "b0s", "b0_index", "b0_motion_affines"}
+#: Fields holding volumes: stored like ``dataobj`` (whole-volume chunks), read lazily.
+VOLUME_ARRAYS = {"b0s"}
 #: Largest metadata field read eagerly (a few volumes' worth is plenty).
 MAX_FIELD_BYTES = 2**30
 
@@ -87,7 +89,9 @@ def read_nfdh5(filename, *, cache: Cache | None = None) -> BaseDataset:
         fields = {}
         for key in root:
             name = key[1:] if key.startswith("_") else key
-            if key != "dataobj" and name in names:
+            if name in VOLUME_ARRAYS and name in names:
+                fields[name] = HDF5Source(path, f"/0/{key}").to_dask()
+            elif key != "dataobj" and name in names:
                 fields[name] = _read_field(path, root[key])
     source = HDF5Source(path, "/0/dataobj")
     data = source.to_dask()
@@ -113,6 +117,14 @@ def read_nfdh5(filename, *, cache: Cache | None = None) -> BaseDataset:
             keep, bzero = split_b0(data, fields["gradients"])
             if keep.size == 0:
                 raise InputError("no diffusion-weighted volumes (all are b=0)", path)
+            if keep.size < len(fields["gradients"]) and "b0s" not in fields:
+                # the b=0 volumes kept in the file are the series' b=0 volumes
+                b0 = np.setdiff1d(np.arange(data.shape[3]), keep)
+                positions = fields.get("original_index", np.arange(data.shape[3]))
+                fields["b0s"] = take_volumes(data, b0)
+                fields["b0_index"] = np.asarray(positions)[b0]
+                if "motion_affines" in fields:
+                    fields["b0_motion_affines"] = fields["motion_affines"][b0]
             if keep.size < len(fields["gradients"]):
                 # positions in the file, so original_index still points at the source
                 fields.setdefault("original_index", np.arange(data.shape[3]))
@@ -149,10 +161,12 @@ def write_nfdh5(
     compression, compression_opts
         HDF5 filter (``"gzip"``, ``"lzf"``) and its options, for every field.
     """
-    fields = {}
+    fields, volumes = {}, {"dataobj": dataset.dataobj}
     for name in dataset._public_fields():
         value = getattr(dataset, name)
-        if name != "dataobj" and value is not None:
+        if name in VOLUME_ARRAYS and value is not None:
+            volumes[f"_{name}"] = value
+        elif name != "dataobj" and value is not None:
             fields[name] = value
     lazy = {k: v for k, v in fields.items() if hasattr(v, "dask")}
     fields.update(zip(lazy, compute(*lazy.values()), strict=True))
@@ -162,7 +176,7 @@ def write_nfdh5(
             # HDF5 cannot recover from a full disk mid-write (h5py crashes closing the
             # file): check that the data fit before HDF5 writes anything
             metadata = sum(np.asarray(v).nbytes for v in fields.values())
-            reserve(temp, dataset.dataobj.nbytes + metadata)
+            reserve(temp, sum(v.nbytes for v in volumes.values()) + metadata)
         with h5py.File(temp, "w") as f:
             f.attrs["Format"] = "EMC/PET" if isinstance(dataset, PET) else "NFDH5"
             f.attrs["Version"] = np.uint16(1)
@@ -174,11 +188,13 @@ def write_nfdh5(
                 key = f"_{name}" if name in PRIVATE_FIELDS else name
                 value = np.asarray(value)
                 root.create_dataset(key, data=value, **(filters if value.ndim else {}))
-            root.create_dataset(
-                "dataobj",
-                shape=dataset.shape,
-                dtype=dataset.dtype,
-                chunks=(*dataset.shape3d, 1),
-                **filters,
-            )
-        store(write_blocks(dataset.dataobj), HDF5Target(temp, "/0/dataobj"), progress=progress)
+            for key, value in volumes.items():
+                root.create_dataset(
+                    key,
+                    shape=value.shape,
+                    dtype=value.dtype,
+                    chunks=(*value.shape[:3], 1),
+                    **filters,
+                )
+        for key, value in volumes.items():
+            store(write_blocks(value), HDF5Target(temp, f"/0/{key}"), progress=progress)

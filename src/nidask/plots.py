@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from .errors import InputError, NidaskError
-from .registration import fov_center, framewise_displacement, motion_parameters
+from .reports import motion_table
 
 __all__ = ["MissingDependencyError", "plot_mosaic", "plot_motion", "save_figure"]
 
@@ -57,26 +57,6 @@ def save_figure(figure, filename, dpi: int = 100) -> None:
     fmt = os.path.splitext(filename)[1].lstrip(".").lower() or "png"
     with atomic_output(filename) as temp:
         figure.savefig(temp, format=fmt, dpi=dpi)
-
-
-def _check_affines(affines) -> np.ndarray:
-    array = np.asarray(affines, dtype=float)
-    if array.ndim != 3 or array.shape[1:] != (4, 4) or len(array) == 0:
-        raise InputError(f"motion matrices must be an (N, 4, 4) stack, got shape {array.shape}")
-    return array
-
-
-def motion_table(affines, affine, shape3d, radius: float = 50.0) -> np.ndarray:
-    """(N, 7) array: tx, ty, tz (mm), rx, ry, rz (degrees), framewise displacement (mm).
-
-    Parameters are about the centre of the field of view (see
-    :func:`nidask.registration.motion_parameters`); so is the framewise
-    displacement (``radius`` mm sphere).
-    """
-    affines = _check_affines(affines)
-    params = np.array([motion_parameters(a, affine, shape3d) for a in affines])
-    fd = framewise_displacement(affines, radius=radius, center=fov_center(affine, shape3d))
-    return np.column_stack([params, fd])
 
 
 def plot_motion(

@@ -54,6 +54,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import ndimage, optimize
 
+from nidask import kernels
 from nidask.errors import InputError
 
 __all__ = [
@@ -96,8 +97,9 @@ class Registration(Protocol):
             Image to align (the observed volume), on the same grid as ``fixed``.
         affine : ndarray, shape (4, 4)
             Voxel-to-RAS-mm affine shared by both images.
-        mask : ndarray of bool, shape (X, Y, Z), optional
-            Voxels of the fixed image where the similarity is evaluated.
+        mask : ndarray of bool or float, shape (X, Y, Z), optional
+            Voxels of the fixed image where the similarity is evaluated; non-negative
+            floats weight each voxel (NCC weights its samples by them).
         init : ndarray, shape (4, 4), optional
             Initial estimate of the matrix, in the same convention as the result.
 
@@ -338,8 +340,10 @@ class _Level:
 
     points: np.ndarray  # (n, 3) float64 fixed-space world coordinates minus the centre
     fixed: np.ndarray  # (n,) float64 fixed intensities at the points
-    moving: np.ndarray  # (X, Y, Z) float32 smoothed moving image
-    gradient: tuple[np.ndarray, ...]  # 3 x (X, Y, Z) float32 forward differences
+    moving: np.ndarray  # (X, Y, Z) smoothed moving image (float32) or its spline coefficients
+    gradient: tuple[np.ndarray, ...]  # 3 x (X, Y, Z) forward differences (order 1, scipy)
+    weights: np.ndarray | None = None  # (n,) sample weights summing to one (NCC), or None
+    order: int = 1  # interpolation of the moving image: 1 trilinear, 3 cubic B-spline
 
 
 @dataclass(frozen=True)
@@ -369,10 +373,10 @@ class RigidRegistration:
     metric : {"ncc", "mi"}
         ``"ncc"`` (default): normalized cross-correlation, for images of the same
         contrast (a model prediction of the same modality); optimised with
-        L-BFGS-B and exact gradients of the interpolated cost. ``"mi"``: mutual
-        information from a joint histogram with linear (partial-volume) binning,
-        for differing contrasts; optimised with Powell's derivative-free method
-        (slower).
+        L-BFGS-B and exact gradients of the interpolated cost. ``"mi"``: Mattes mutual
+        information (cubic B-spline Parzen windows, as ANTs and ITK compute it),
+        for differing contrasts, also with exact gradients and L-BFGS-B, within
+        ``search`` of the start.
     shrink : tuple of int
         Subsampling factor of the fixed grid at each level, coarse to fine (the
         moving image is never downsampled: the cost of a level is its point count).
@@ -398,8 +402,14 @@ class RigidRegistration:
     seed : int
         Seed of the point subsampling (``max_samples``) and of the jitter.
     search : float
-        For ``metric="mi"``: half-width of the search box around the start, in
-        optimiser units (mm, or mm at ``radius`` for rotations).
+        Half-width of the search box around the start of each level, in optimiser
+        units (mm, or mm at ``radius`` for rotations).
+    order : {1, 3}
+        Interpolation of the moving image at the finest level: cubic B-spline (3,
+        the default) or trilinear (1); coarser levels are trilinear.  Trilinear
+        interpolation smooths an image more between grid points than on them, and
+        under rotation that varies across the image: on a sharp 2.7 mm phantom it
+        recovered 0.9 of a 1.6 degree rotation, the cubic spline all of it.
     """
 
     metric: str = "ncc"
@@ -414,19 +424,24 @@ class RigidRegistration:
     jitter: bool = True
     seed: int = 0
     search: float = 10.0
+    order: int = 3
 
     def __post_init__(self) -> None:
         # accept lists (e.g. from a config file); keep instances hashable
         object.__setattr__(self, "shrink", tuple(int(f) for f in self.shrink))
         object.__setattr__(self, "smoothing", tuple(float(v) for v in self.smoothing))
-        if self.metric not in ("ncc", "mi"):
-            raise InputError(f"unknown registration metric {self.metric!r} (use 'ncc' or 'mi')")
+        if self.metric not in METRICS:
+            raise InputError(
+                f"unknown registration metric {self.metric!r} (use one of {', '.join(METRICS)})"
+            )
         if len(self.shrink) != len(self.smoothing) or not self.shrink:
             raise InputError("'shrink' and 'smoothing' need one entry per level")
         if any(int(f) < 1 for f in self.shrink):
             raise InputError(f"shrink factors must be >= 1, got {self.shrink}")
         if any(s < 0 for s in self.smoothing):
             raise InputError(f"smoothing sigmas must be >= 0, got {self.smoothing}")
+        if self.order not in (1, 3):
+            raise InputError(f"interpolation order must be 1 or 3, got {self.order}")
 
     # ---------------------------------------------------------------- public call
     def __call__(
@@ -445,43 +460,53 @@ class RigidRegistration:
             Rigid ``A`` (fixed RAS -> moving RAS). A non-rigid ``init`` is reduced
             to its rigid part.
         """
+        return self.register(fixed, moving, affine, mask=mask, init=init)[0]
+
+    def register(self, fixed, moving, affine, mask=None, init=None) -> tuple[np.ndarray, dict]:
+        """Like calling the instance, and report how the registration went.
+
+        Returns
+        -------
+        matrix : ndarray (4, 4)
+        quality : dict
+            ``similarity`` (NCC, or mutual information in nats, at the finest
+            level), ``converged`` (the optimiser met its tolerance at every level)
+            and ``evaluations`` (cost evaluations in all).
+        """
         fixed32, moving32, aff, mask = self._check(fixed, moving, affine, mask)
         center = fov_center(aff, fixed32.shape)
         params = np.zeros(6) if init is None else rigid_params(init, center=center)
         scale = np.array([1.0, 1.0, 1.0] + [1.0 / self.radius] * 3)
         inv_aff = np.linalg.inv(aff)
         n_levels = len(self.shrink)
+        cost_class = _NCCCost if self.metric == "ncc" else _MattesCost
+        quality = {"similarity": float("nan"), "converged": True, "evaluations": 0}
         for k, (factor, sigma) in enumerate(zip(self.shrink, self.smoothing, strict=True)):
             level = self._level(
                 fixed32, moving32, aff, mask, center, int(factor), sigma, last=k == n_levels - 1
             )
             if level is None:
                 continue
-            if self.metric == "ncc":
-                fun = _NCCCost(level, inv_aff, center, scale)
-                res = optimize.minimize(
-                    fun,
-                    params / scale,
-                    jac=True,
-                    method="L-BFGS-B",
-                    options={"maxiter": self.maxiter, "ftol": 1e-10, "gtol": 1e-7},
-                )
-            else:
-                fun = _MICost(level, inv_aff, center, scale, self.bins)
-                # MI rewards moving structure out of the sampled region, so the
-                # derivative-free search is kept within a plausible head motion
-                start = params / scale
-                res = optimize.minimize(
-                    fun,
-                    start,
-                    method="Powell",
-                    bounds=[(x - self.search, x + self.search) for x in start],
-                    options={"maxiter": self.maxiter, "xtol": 1e-3, "ftol": 1e-9},
-                )
+            fun = cost_class(level, inv_aff, center, scale, self.bins)
+            start = params / scale
+            # the search stays within a plausible head motion of its start (mutual
+            # information, for one, rewards moving structure out of the sampled region)
+            bounds = [(x - self.search, x + self.search) for x in start]
+            res = optimize.minimize(
+                fun,
+                start,
+                jac=True,
+                method="L-BFGS-B",
+                bounds=bounds,
+                options={"maxiter": self.maxiter, "ftol": 1e-10, "gtol": 1e-7},
+            )
             # L-BFGS-B may also stop on a line-search failure at the kinks of the
             # trilinear cost near the optimum; its x is the best point it accepted.
             params = np.asarray(res.x, dtype=np.float64) * scale
-        return rigid_matrix(params, center=center)
+            quality["evaluations"] += int(res.nfev)
+            quality["converged"] &= bool(res.nit < self.maxiter)
+            quality["similarity"] = float(1.0 - res.fun if self.metric == "ncc" else -res.fun)
+        return rigid_matrix(params, center=center), quality
 
     # ---------------------------------------------------------------- helpers
     def _check(self, fixed, moving, affine, mask):
@@ -499,11 +524,15 @@ class RigidRegistration:
             ref = float(np.percentile(fixed32, 99))
             mask = fixed32 > self.threshold * ref if ref > 0 else np.ones(fixed32.shape, bool)
         else:
-            mask = np.asarray(mask, dtype=bool)
+            mask = np.asarray(mask)
             if mask.shape != fixed32.shape:
                 raise InputError(
                     f"mask shape {mask.shape} does not match the volume shape {fixed32.shape}"
                 )
+            if mask.dtype != bool:
+                mask = np.nan_to_num(mask.astype(np.float32), nan=0.0, posinf=0.0)
+                if np.any(mask < 0):
+                    raise InputError("registration weights must not be negative")
         if not mask.any():
             raise InputError("the registration mask is empty")
         return fixed32, moving32, aff, mask
@@ -523,19 +552,31 @@ class RigidRegistration:
         if self.max_samples is not None and n > self.max_samples:
             ijk = ijk[np.sort(rng.choice(n, self.max_samples, replace=False))]
         ijk = ijk * factor
+        weights = None if mask.dtype == bool else mask[ijk[:, 0], ijk[:, 1], ijk[:, 2]]
+        order = self.order if last else 1
         if self.jitter:
             ijk = ijk + rng.uniform(-0.5, 0.5, ijk.shape)
-            values = ndimage.map_coordinates(fixed_s, ijk.T, order=1, mode="nearest")
+            values = ndimage.map_coordinates(fixed_s, ijk.T, order=order, mode="nearest")
         else:
             values = fixed_s[ijk[:, 0], ijk[:, 1], ijk[:, 2]]
         values = values.astype(np.float64)
+        if weights is not None:
+            weights = weights.astype(np.float64) / weights.sum()
         if np.ptp(values) == 0:
             raise InputError("the fixed image is constant inside the registration mask")
         points = ijk @ aff[:3, :3].T + (aff[:3, 3] - center)
+        if order == 3:
+            coefficients = ndimage.spline_filter(moving_s, 3, output=np.float64, mode="mirror")
+            # d/dx of sum c_j B3(x - j) is sum (c_j - c_(j-1)) B2(x - j + 1/2)
+            gradient = tuple(
+                np.diff(coefficients, axis=k, prepend=np.take(coefficients, [1], axis=k))
+                for k in range(3)
+            )
+            return _Level(points, values, coefficients, gradient, weights, order=3)
         gradient = tuple(
             np.diff(moving_s, axis=k, append=np.take(moving_s, [-1], axis=k)) for k in range(3)
         )
-        return _Level(points=points, fixed=values, moving=moving_s, gradient=gradient)
+        return _Level(points, values, moving_s, gradient, weights)
 
 
 class _Sampler:
@@ -543,10 +584,40 @@ class _Sampler:
 
     def __init__(self, level: _Level, inv_aff: np.ndarray, center: np.ndarray, scale: np.ndarray):
         self.level = level
+        self.compiled = kernels.sampler_available()
         self.inv_lin = inv_aff[:3, :3]
         self.inv_off = inv_aff[:3, 3]
         self.center = center
         self.scale = scale
+
+    def evaluate(self, params: np.ndarray, rot: np.ndarray, gradient: bool = True):
+        """Moving samples (float64) at the moved points and, if asked, their voxel gradient."""
+        lin = self.inv_lin @ rot
+        off = self.inv_lin @ (self.center + params[:3]) + self.inv_off
+        level = self.level
+        if self.compiled:
+            return kernels.sample_points(
+                level.moving, level.points, lin, off, gradient, order=level.order
+            )
+        coords = (level.points @ lin.T + off).T
+        if level.order == 1:
+            values = self.sample(level.moving, coords).astype(np.float64)
+            return values, (self.voxel_gradient(coords) if gradient else None)
+        # cubic B-spline, clamped to the grid like the compiled kernel
+        upper = np.array(level.moving.shape, dtype=float)[:, None] - 1.0
+        inside = (coords >= 0.0) & (coords <= upper)
+        coords = np.clip(coords, 0.0, upper)
+        spline = {"mode": "mirror", "prefilter": False}
+        values = ndimage.map_coordinates(level.moving, coords, order=3, **spline)
+        if not gradient:
+            return values, None
+        slopes = np.empty((coords.shape[1], 3))
+        for k in range(3):
+            shifted = coords.copy()
+            shifted[k] += 0.5
+            slopes[:, k] = ndimage.map_coordinates(level.gradient[k], shifted, order=2, **spline)
+            slopes[~inside[k], k] = 0.0
+        return values, slopes
 
     def coords(self, params: np.ndarray, rot: np.ndarray) -> np.ndarray:
         # moving voxel = inv(aff) @ (R @ (x - c) + c + t)
@@ -579,28 +650,34 @@ class _Sampler:
 
 
 class _NCCCost(_Sampler):
-    """``1 - NCC`` and its exact gradient w.r.t. the scaled parameters."""
+    """``1 - NCC`` and its exact gradient w.r.t. the scaled parameters.
 
-    def __init__(self, level, inv_aff, center, scale):
+    With sample weights ``w`` (summing to one) means, products and norms are
+    weighted: ``NCC = sum w fc mc / sqrt(sum w fc² sum w mc²)``.
+    """
+
+    def __init__(self, level, inv_aff, center, scale, bins=None):
         super().__init__(level, inv_aff, center, scale)
-        fc = level.fixed - level.fixed.mean()
-        self.fc = fc / np.sqrt(fc @ fc)  # unit-norm, zero-mean fixed values
+        n = len(level.fixed)
+        self.w = np.full(n, 1.0 / n) if level.weights is None else level.weights
+        fc = level.fixed - self.w @ level.fixed
+        self.fc = fc / np.sqrt(self.w @ (fc * fc))  # zero weighted mean, unit weighted norm
 
     def __call__(self, z: np.ndarray) -> tuple[float, np.ndarray]:
         params = np.asarray(z, dtype=np.float64) * self.scale
         rot, d_rot = _rotation_and_derivatives(params[3:])
-        coords = self.coords(params, rot)
-        m = self.sample(self.level.moving, coords).astype(np.float64)
-        mc = m - m.mean()
-        mnorm2 = mc @ mc
+        m, voxel_gradient = self.evaluate(params, rot)
+        mc = m - self.w @ m
+        wmc = self.w * mc
+        mnorm2 = float(wmc @ mc)
         if mnorm2 <= 0:  # samples a flat region only: no information, no gradient
             return 1.0, np.zeros(6)
         mnorm = math.sqrt(mnorm2)
-        ncc = float(self.fc @ mc) / mnorm
-        # d ncc / d m_i = fc_i / |mc| - ncc * mc_i / |mc|^2   (means drop out)
-        w = self.fc / mnorm - (ncc / mnorm2) * mc
+        ncc = float(self.fc @ wmc) / mnorm
+        # d ncc / d m_i = w_i (fc_i / |mc| - ncc * mc_i / |mc|^2)   (means drop out)
+        w = self.w * self.fc / mnorm - (ncc / mnorm2) * wmc
         # world-space image gradient at each point: dI/dy = dI/dv @ inv_lin
-        wg = (w[:, None] * self.voxel_gradient(coords)) @ self.inv_lin  # (n, 3)
+        wg = (w[:, None] * voxel_gradient) @ self.inv_lin  # (n, 3)
         grad = np.empty(6)
         grad[:3] = wg.sum(axis=0)  # dy/dt = I
         outer = wg.T @ self.level.points  # sum_i wg_i (x_i - c)^T
@@ -608,44 +685,90 @@ class _NCCCost(_Sampler):
         return 1.0 - ncc, -grad * self.scale
 
 
-class _MICost(_Sampler):
-    """Negative mutual information from a linearly binned joint histogram."""
+def _intensity_range(values: np.ndarray) -> tuple[float, float]:
+    """The 0.5 to 99.5 percentile range of ``values`` (never empty)."""
+    lo, hi = (float(v) for v in np.percentile(values, [0.5, 99.5]))
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+
+def _cubic_bspline(t: np.ndarray) -> np.ndarray:
+    """The cubic B-spline kernel at ``t``."""
+    a = np.abs(t)
+    return np.where(a < 1, (4 - 6 * a**2 + 3 * a**3) / 6, np.where(a < 2, (2 - a) ** 3 / 6, 0.0))
+
+
+def _cubic_bspline_derivative(t: np.ndarray) -> np.ndarray:
+    a = np.abs(t)
+    return np.sign(t) * np.where(
+        a < 1, -2 * a + 1.5 * a**2, np.where(a < 2, -0.5 * (2 - a) ** 2, 0.0)
+    )
+
+
+class _MattesCost(_Sampler):
+    """Negative mutual information (Mattes et al., 2003) and its exact gradient.
+
+    The joint histogram counts each sample in its fixed-intensity bin and spreads
+    its moving intensity over four bins with a cubic B-spline window, so it varies
+    smoothly with the parameters and can be differentiated: with
+    ``L = log(p(i, k) / p_m(k))``, ``d(MI)/dm_x = sum_k B'(k - m_x) L[i_x, k] / (n Δ)``,
+    which has the same form as NCC's per-sample weights.
+    """
 
     def __init__(self, level, inv_aff, center, scale, bins):
         super().__init__(level, inv_aff, center, scale)
         self.bins = int(bins)
-        # fixed values go to their nearest bin, moving values are split linearly
-        # between two bins so that the histogram varies continuously with motion
-        self.fbin = np.rint(self._binned(level.fixed, *self._range(level.fixed)))
-        self.fbin = self.fbin.astype(np.intp) * self.bins
-        self.mrange = self._range(level.moving.ravel())
+        lo, hi = _intensity_range(level.fixed)
+        fpos = (np.clip(level.fixed, lo, hi) - lo) / (hi - lo) * (self.bins - 1)
+        self.fbin = np.rint(fpos).astype(np.intp)
+        # two padding bins on each side hold the B-spline window's tails
+        self.mlo, mhi = _intensity_range(level.moving.ravel())
+        self.mwidth = (mhi - self.mlo) / (self.bins - 1)
+        self.mbins = self.bins + 4
+        self.n = len(self.fbin)
 
-    @staticmethod
-    def _range(values: np.ndarray) -> tuple[float, float]:
-        lo, hi = (float(v) for v in np.percentile(values, [0.5, 99.5]))
-        return (lo, hi) if hi > lo else (lo, lo + 1.0)
+    def _windows(self, m):
+        pos = np.clip((m - self.mlo) / self.mwidth, 0, self.bins - 1) + 2
+        first = np.floor(pos).astype(np.intp) - 1
+        return pos, first
 
-    def _binned(self, values, lo, hi):
-        pos = (np.clip(values, lo, hi) - lo) / (hi - lo) * (self.bins - 1)
-        return pos.astype(np.float64)
-
-    def __call__(self, z: np.ndarray) -> float:
+    def __call__(self, z: np.ndarray) -> tuple[float, np.ndarray]:
         params = np.asarray(z, dtype=np.float64) * self.scale
-        coords = self.coords(params, _rotation(params[3:]))
-        m = self.sample(self.level.moving, coords).astype(np.float64)
-        mpos = self._binned(m, *self.mrange)
-        m0 = np.minimum(np.floor(mpos).astype(np.intp), self.bins - 2)
-        frac = mpos - m0
-        b = self.bins
-        joint = np.bincount(self.fbin + m0, weights=1.0 - frac, minlength=b * b)
-        joint += np.bincount(self.fbin + m0 + 1, weights=frac, minlength=b * b)
-        joint = joint.reshape(b, b) / joint.sum()
+        rot, d_rot = _rotation_and_derivatives(params[3:])
+        m, voxel_gradient = self.evaluate(params, rot)
+        pos, first = self._windows(m)
+        rows = self.fbin * self.mbins
+        joint = np.zeros(self.bins * self.mbins)
+        for k in range(4):
+            joint += np.bincount(
+                rows + first + k,
+                weights=_cubic_bspline(first + k - pos),
+                minlength=joint.size,
+            )
+        joint = joint.reshape(self.bins, self.mbins) / self.n
         pf = joint.sum(axis=1)
         pm = joint.sum(axis=0)
         nz = joint > 0
-        mi = np.sum(joint[nz] * np.log(joint[nz] / np.outer(pf, pm)[nz]))
-        return -float(mi)
+        outer = np.outer(pf, pm)
+        mi = float(np.sum(joint[nz] * np.log(joint[nz] / outer[nz])))
+        log_ratio = np.zeros_like(joint)
+        log_ratio[nz] = np.log(joint[nz] / pm[np.nonzero(nz)[1]])
+        log_ratio = log_ratio.ravel()
+        w = np.zeros(self.n)
+        for k in range(4):
+            w += _cubic_bspline_derivative(first + k - pos) * log_ratio[rows + first + k]
+        # d pos / d m = 1 / width, and the window argument is (bin - pos): minus sign
+        w *= -1.0 / (self.mwidth * self.n)
+        inside = (m > self.mlo) & (m < self.mlo + self.mwidth * (self.bins - 1))
+        w[~inside] = 0.0
+        wg = (w[:, None] * voxel_gradient) @ self.inv_lin
+        grad = np.empty(6)
+        grad[:3] = wg.sum(axis=0)
+        grad[3:] = np.einsum("kab,ab->k", d_rot, wg.T @ self.level.points)
+        return -mi, -grad * self.scale
 
+
+METRICS = ("ncc", "mi")
+"""Similarity measures of :class:`RigidRegistration`."""
 
 REGISTRATIONS: dict[str, Callable[..., Registration]] = {"rigid": RigidRegistration}
 """Registration methods by name; plug-ins may add entries (factories or classes)."""
