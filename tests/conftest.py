@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 
 from nidask import phantom
-from nidask.cache import Cache
-from nidask.sources import (
+from nidask.io.cache import Cache
+from nidask.io.sources import (
     GzipNiftiSource,
     HDF5Source,
     NiftiSource,

@@ -16,7 +16,7 @@ import pytest
 import nidask
 from conftest import SHAPE3D, write_bvec_bval, write_hdf5_series, write_nifti, write_sidecar
 from nidask import PET, BaseDataset, InputError
-from nidask.nifti import header_bytes, make_header
+from nidask.io.nifti import header_bytes, make_header
 
 
 def assert_names(excinfo, path, phrase: str) -> None:

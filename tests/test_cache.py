@@ -18,7 +18,7 @@ import pytest
 
 import nidask
 from conftest import checksum_tree
-from nidask.cache import CACHE_PREFIX, TEMP_MARK
+from nidask.io.cache import CACHE_PREFIX, TEMP_MARK
 
 #: where the nidask under test was imported from (src/ or site-packages)
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(nidask.__file__)))

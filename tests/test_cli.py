@@ -17,7 +17,8 @@ import numpy as np
 
 import nidask
 from conftest import N_B0, N_DIRECTIONS, N_FRAMES, SHAPE3D
-from nidask import cli, sources
+from nidask import cli
+from nidask.io import sources
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -284,7 +285,7 @@ def test_estimate_interrupted_then_resumed(dwi_phantom, tmp_path):
 
     transforms = ntl.load(out / "motion.x5", fmt="X5")
     assert len(transforms) == n
-    from nidask.registration import motion_parameters
+    from nidask.estimation.registration import motion_parameters
 
     ref = nb.load(dwi_phantom.image)
     for i in (0, n - 1):

@@ -20,7 +20,7 @@ from conftest import (
     write_nifti,
 )
 from nidask import DWI, PET, BaseDataset
-from nidask.sources import NiftiSource, VolumeSelection, source_of
+from nidask.io.sources import NiftiSource, VolumeSelection, source_of
 
 N = N_B0 + N_DIRECTIONS
 

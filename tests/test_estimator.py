@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import nidask
-from nidask.estimator import Estimator, read_volume
+from nidask.estimation.estimator import Estimator, read_volume
 from nidask.evaluation import motion_errors
 from nidask.phantom import make_dwi, make_hcp_like, make_pet
 
@@ -108,7 +108,7 @@ def test_run_directory_of_another_run_is_refused(small_dwi, tmp_path):
 KILLED_RUN = textwrap.dedent(
     """
     import sys, nidask
-    from nidask.estimator import Estimator
+    from nidask.estimation.estimator import Estimator
     dwi = nidask.load(
         sys.argv[1], bvec_file=sys.argv[2], bval_file=sys.argv[3], brainmask_file=sys.argv[4]
     )
@@ -162,9 +162,9 @@ def test_sweep_predicts_every_fold_without_copies(small_dwi, tmp_path):
     whole = dwi.whole_series()
     assert isinstance(predictions, np.memmap) and predictions.shape[1] == len(whole)
     mask = np.load(tmp_path / "sweep" / "mask.npy")
-    grown = nidask.estimator.grow_mask(mask)
+    grown = nidask.estimation.estimator.grow_mask(mask)
     data = whole.dataobj.compute().astype(np.float64)
-    data = data.reshape(-1, len(whole), order="F")[nidask.lofo.mask_index(grown)]
+    data = data.reshape(-1, len(whole), order="F")[nidask.estimation.lofo.mask_index(grown)]
     for shell in (whole.bvals == 0, whole.bvals > 0):  # b=0 and one shell
         values = data[:, shell]
         expected = (values.sum(1, keepdims=True) - values) / (shell.sum() - 1)
@@ -214,7 +214,7 @@ def test_voxel_covariates_are_in_the_voxel_order_of_the_data(multishell, tmp_pat
     _, dwi = multishell
     predictions = Estimator(model="b0").sweep(dwi, workdir=tmp_path / "sweep")
     mask = np.load(tmp_path / "sweep" / "mask.npy")
-    rows = nidask.lofo.mask_index(nidask.estimator.grow_mask(mask))
+    rows = nidask.estimation.lofo.mask_index(nidask.estimation.estimator.grow_mask(mask))
     bzero = dwi.bzero.compute().ravel(order="F")[rows]
     for fold in (0, 7, predictions.shape[1] - 1):
         np.testing.assert_allclose(predictions[:, fold], bzero, rtol=1e-6)
@@ -225,7 +225,7 @@ def test_voxel_covariates_are_in_the_voxel_order_of_the_data(multishell, tmp_pat
 
 
 def test_fields_of_view_too_small_are_refused_and_small_ones_flagged(tmp_path):
-    from nidask.estimator import check_field_of_view
+    from nidask.estimation.estimator import check_field_of_view
 
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     for shape in ((10, 8, 2), (6, 10, 10), (10, 10, 10)):  # dipy's small_25, 101D, 64D

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 
 from nidask.errors import InputError
-from nidask.frames import (
+from nidask.estimation.frames import (
     interleaved,
     interpolate_in_time,
     recentre,
     temporal_offsets,
     tie_frames,
 )
+from nidask.estimation.registration import fov_center, rigid_matrix, rigid_params
 from nidask.phantom import phantom_affine, realistic_motion
-from nidask.registration import fov_center, rigid_matrix, rigid_params
 
 SHAPE = (40, 40, 30)
 AFFINE = phantom_affine(SHAPE)
@@ -73,7 +73,7 @@ def test_image_tie_recovers_a_known_offset(dwi_phantom):
     centre = fov_center(affine, shape)
     template = data[..., 0]
     known = rigid_matrix([0.6, -0.4, 0.3, 0.02, -0.01, 0.015], center=centre)
-    from nidask.resample import resample_volume
+    from nidask.ops.resample import resample_volume
 
     moved = resample_volume(template, np.linalg.inv(affine) @ np.linalg.inv(known) @ affine)
     images = {0: template, 1: moved}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nidask import gaussian_process as gp
 from nidask.errors import InputError
-from nidask.models import GPModel, frame_groups, get_model
+from nidask.estimation import gaussian_process as gp
+from nidask.estimation.models import GPModel, frame_groups, get_model
 
 RNG = np.random.default_rng(11)
 

@@ -8,8 +8,8 @@ import pytest
 from scipy import ndimage as ndi
 from scipy.spatial.transform import Rotation
 
-from nidask import kernels
-from nidask.resample import resample_volume
+from nidask.ops import kernels
+from nidask.ops.resample import resample_volume
 
 pytest.importorskip("numba", reason="the compiled kernels need numba (pip install 'nidask[fast]')")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import nidask
-from nidask.lofo import (
+from nidask.estimation.lofo import (
     fold_order,
     mask_index,
     read_column,
@@ -16,7 +16,7 @@ from nidask.lofo import (
     sweep_predictions,
     write_voxel_major,
 )
-from nidask.models import (
+from nidask.estimation.models import (
     AverageModel,
     B0Model,
     CallableModel,
@@ -128,7 +128,7 @@ def test_all_fold_fast_paths_match_fitting_each_fold(model, meta):
 
 def test_dti_leave_one_out_equals_weighted_refits():
     """The leverage shortcut equals refitting each fold with the full fit's weights."""
-    from nidask.models import _weighted_fit
+    from nidask.estimation.models import _weighted_fit
 
     gradients = np.vstack([np.zeros((2, 4)), two_shell_gradients(14)])
     data = RNG.uniform(100, 1000, (20, 16))

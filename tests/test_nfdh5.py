@@ -15,7 +15,7 @@ import pytest
 import nidask
 from conftest import N_B0, N_DIRECTIONS, SHAPE3D, graph_sources, write_hdf5_series
 from nidask import DWI, PET, BaseDataset
-from nidask.sources import HDF5Source
+from nidask.io.sources import HDF5Source
 
 
 def _rigid(tx: float) -> np.ndarray:

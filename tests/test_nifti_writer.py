@@ -15,7 +15,7 @@ import pytest
 
 import nidask
 from conftest import SHAPE3D, write_nifti
-from nidask import nifti, store
+from nidask.io import nifti, store
 from nidask.phantom import phantom_affine
 
 N = 7

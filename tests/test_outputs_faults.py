@@ -18,7 +18,7 @@ import pytest
 import nidask
 from conftest import SHAPE3D, checksum_tree
 from nidask import BaseDataset
-from nidask.cache import TEMP_MARK
+from nidask.io.cache import TEMP_MARK
 from nidask.phantom import write_series
 
 #: where the nidask under test was imported from (src/ or site-packages)

@@ -1,4 +1,4 @@
-"""Tests of nidask.registration: parameter conventions, accuracy, determinism, registry."""
+"""Tests of nidask.estimation.registration: conventions, accuracy, determinism, registry."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from scipy import ndimage
 from scipy.special import expit
 
 from nidask.errors import InputError
-from nidask.registration import (
+from nidask.estimation.registration import (
     REGISTRATIONS,
     Registration,
     RigidRegistration,

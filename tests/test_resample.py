@@ -1,4 +1,4 @@
-"""Tests for nidask.resample: convention, agreement with nitransforms, dask graph."""
+"""Tests for nidask.ops.resample: convention, agreement with nitransforms, dask graph."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from conftest import record_reads
-from nidask import resample
 from nidask.errors import InputError
-from nidask.resample import (
+from nidask.io.sources import NiftiSource
+from nidask.ops import resample
+from nidask.ops.resample import (
     check_matrix,
     check_order,
     resample_series,
@@ -23,7 +24,6 @@ from nidask.resample import (
     volumes_per_task,
     voxel_matrices,
 )
-from nidask.sources import NiftiSource
 
 SHAPE = (24, 28, 20)
 SCALE = 1000.0  # peak signal of the phantoms

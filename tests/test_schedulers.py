@@ -11,7 +11,7 @@ import pytest
 
 import nidask
 from conftest import N_B0, SHAPE3D, SOURCE_KINDS, graph_sources, open_kind, reference_data
-from nidask.sources import GzipNiftiSource
+from nidask.io.sources import GzipNiftiSource
 
 SCHEDULERS = ("threads", "processes", "distributed")
 

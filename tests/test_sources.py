@@ -29,9 +29,8 @@ from conftest import (
     write_nifti,
 )
 from nidask.dataset import take_volumes
-from nidask.nifti import header_bytes, make_header
-from nidask.phantom import phantom_affine
-from nidask.sources import (
+from nidask.io.nifti import header_bytes, make_header
+from nidask.io.sources import (
     GzipNiftiSource,
     HDF5Source,
     NiftiSource,
@@ -40,6 +39,7 @@ from nidask.sources import (
     open_source,
     source_of,
 )
+from nidask.phantom import phantom_affine
 
 N = 10
 

@@ -8,14 +8,14 @@ estimator asks for data.
 
 from __future__ import annotations
 
-from . import config, dmri, pet
-from .cache import Cache
-from .dataset import BaseDataset
-from .dmri import DWI
-from .errors import InputError, NidaskError, OutputError
-from .estimator import Estimator
-from .loading import load
-from .pet import PET
+from nidask import config, dmri, pet
+from nidask.dataset import BaseDataset
+from nidask.dmri import DWI
+from nidask.errors import InputError, NidaskError, OutputError
+from nidask.estimation.estimator import Estimator
+from nidask.io.cache import Cache
+from nidask.loading import load
+from nidask.pet import PET
 
 __version__ = "0.1.0"
 

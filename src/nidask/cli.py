@@ -77,7 +77,7 @@ def _peak_memory() -> tuple[int, int]:
 
 
 def _format_error(exc: BaseException) -> str:
-    from .errors import NidaskError
+    from nidask.errors import NidaskError
 
     if isinstance(exc, NidaskError):
         message = str(exc)
@@ -139,8 +139,8 @@ def open_dataset(path: str, args):
 
 
 def _model_for(dataset, model: str | None) -> str:
-    from .dmri import DWI
-    from .pet import PET
+    from nidask.dmri import DWI
+    from nidask.pet import PET
 
     if model is None or model == "auto":
         return "auto"
@@ -184,7 +184,7 @@ def scheduler(name: str, workers: int | None):
     """
     import dask
 
-    from .errors import InputError
+    from nidask.errors import InputError
 
     if name in ("threads", "processes", "synchronous"):
         settings = {"scheduler": name}
@@ -214,7 +214,7 @@ def scheduler(name: str, workers: int | None):
 @contextlib.contextmanager
 def atomic_directory(final: str):
     """Fill a temporary directory beside ``final`` and rename it into place on success."""
-    from .cache import temporary_name
+    from nidask.io.cache import temporary_name
 
     temp = temporary_name(os.path.abspath(final))
     os.mkdir(temp)
@@ -228,7 +228,7 @@ def atomic_directory(final: str):
 
 # -- outputs shared by estimate and demo --------------------------------------------------
 def _write_text(path: str, text: str) -> None:
-    from .cache import atomic_output
+    from nidask.io.cache import atomic_output
 
     with atomic_output(path) as temp, open(temp, "w") as f:
         f.write(text)
@@ -236,7 +236,7 @@ def _write_text(path: str, text: str) -> None:
 
 def write_outputs(raw, estimated, directory, **options) -> list[str]:
     """:func:`nidask.reports.write_outputs`, notes on stderr."""
-    from .reports import write_outputs as write
+    from nidask.reports import write_outputs as write
 
     return write(
         raw, estimated, directory, warn=lambda m: _say(f"note: {m}", file=sys.stderr), **options
@@ -253,7 +253,7 @@ FLAG_MEANINGS = {
 
 def _warn_flags(report) -> None:
     """One warning line per flag raised (see motion.tsv)."""
-    from .reports import flagged
+    from nidask.reports import flagged
 
     for flag, volumes in flagged(report).items():
         shown = ", ".join(str(v) for v in volumes[:8]) + (", ..." if len(volumes) > 8 else "")
@@ -265,7 +265,7 @@ def _warn_flags(report) -> None:
 
 
 def _motion_summary(dataset) -> str:
-    from .reports import motion_table
+    from nidask.reports import motion_table
 
     dataset = dataset.whole_series()
     table = motion_table(dataset.motion_affines, dataset.affine, dataset.shape3d)
@@ -308,7 +308,7 @@ def _file_facts(path: str) -> dict:
             volumes_in_file=int(image.shape[3]) if len(image.shape) > 3 else 1,
         )
     elif lower.endswith(".npy"):
-        from .sources import read_npy_header
+        from nidask.io.sources import read_npy_header
 
         shape, fortran, dtype, _ = read_npy_header(path)
         facts.update(
@@ -327,8 +327,8 @@ def _bzero_kind(bzero) -> str | None:
 
 def describe(dataset, path: str) -> dict:
     """What ``nidask info`` reports, as a JSON-friendly dict (no data are read)."""
-    from .dmri import DWI
-    from .pet import PET
+    from nidask.dmri import DWI
+    from nidask.pet import PET
 
     path = os.path.abspath(path)
     chunks = dataset.dataobj.chunks[3]
@@ -457,8 +457,8 @@ def _output_kind(path: str) -> str:
 def cmd_convert(args) -> int:
     import attrs
 
-    from .dmri import DWI
-    from .errors import InputError, OutputError
+    from nidask.dmri import DWI
+    from nidask.errors import InputError, OutputError
 
     kind = _output_kind(args.output)
     if args.compression and kind != "nfdh5":
@@ -504,8 +504,7 @@ def cmd_convert(args) -> int:
 # -- estimate -----------------------------------------------------------------------------
 def cmd_estimate(args) -> int:
     import nidask
-
-    from .errors import NidaskError, OutputError
+    from nidask.errors import NidaskError, OutputError
 
     out = os.path.abspath(args.out)
     work = os.path.join(out, "work")
@@ -623,9 +622,8 @@ def _graph_facts(dataset) -> list[str]:
 
 def _demo_series(kind: str, out: str, size: dict, passes: int, client) -> dict:
     import nidask
-
-    from . import phantom
-    from .evaluation import motion_errors
+    from nidask import phantom
+    from nidask.evaluation import motion_errors
 
     directory = os.path.join(out, kind)
     start = time.perf_counter()
@@ -775,7 +773,7 @@ def _scheduler_options(parser, default_workers=None) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``nidask`` argument parser."""
-    from . import __version__
+    from nidask import __version__
 
     parser = _Parser(
         prog=PROG,
@@ -954,7 +952,7 @@ def main(argv=None) -> int:
         _error_line(str(exc) or "terminated")
         return 143
     except Exception as exc:
-        from .errors import NidaskError
+        from nidask.errors import NidaskError
 
         if debug:
             traceback.print_exc()

@@ -9,7 +9,7 @@
     Diffusion volumes with a b-value at or below this (s/mm², default 50, as dipy
     and nifreeze) are b=0 volumes.
 ``nidask.kernels``
-    ``"auto"`` (default): resample with the compiled kernels of :mod:`nidask.kernels`
+    ``"auto"`` (default): resample with the compiled kernels of :mod:`nidask.ops.kernels`
     where numba is installed; ``"scipy"``: always with ``scipy.ndimage``.
 
 Set them like any dask setting::

@@ -22,10 +22,10 @@ import dask.array as da
 import numpy as np
 from dask.base import tokenize
 
-from .cache import Cache, atomic_output
-from .errors import InputError
-from .sources import NpySource, VolumeSelection, check_affine, source_of, volume_runs
-from .store import open_memmap, write_npy
+from nidask.errors import InputError
+from nidask.io.cache import Cache, atomic_output
+from nidask.io.sources import NpySource, VolumeSelection, check_affine, source_of, volume_runs
+from nidask.io.store import open_memmap, write_npy
 
 
 def _as_float_array(value, shape: tuple | None = None, name: str = "value") -> np.ndarray | None:
@@ -84,8 +84,8 @@ def normalize_index(index, n: int) -> tuple[np.ndarray, bool]:
 def take_volumes(data: da.Array, positions) -> da.Array:
     """``data[..., positions]`` that reads only the selected volumes (no shuffle, no copy).
 
-    On an array opened from a file (see :mod:`nidask.sources`) this is a new array
-    over a :class:`~nidask.sources.VolumeSelection` of the same file, chunked like
+    On an array opened from a file (see :mod:`nidask.io.sources`) this is a new array
+    over a :class:`~nidask.io.sources.VolumeSelection` of the same file, chunked like
     ``data``: every chunk, and every single volume sliced from it, reads just its
     own volumes.  On any other array, dask would turn an integer-array index into a
     shuffle (every output chunk cut and glued from up to two input chunks), so runs
@@ -280,7 +280,7 @@ class BaseDataset:
             If ``index`` is not an integer within range, or the matrix is not a
             finite, invertible 4x4 affine.  Nothing is recorded then.
         """
-        from .resample import check_matrix
+        from nidask.ops.resample import check_matrix
 
         if isinstance(index, bool | np.bool_) or not isinstance(index, int | np.integer):
             raise InputError(f"volume index must be an integer, got {index!r}")
@@ -300,7 +300,7 @@ class BaseDataset:
         volumes) and its ``motion_affines`` is ``None`` (motion already applied).
         Without motion matrices the data are only cast to float32.
         """
-        from .resample import check_order, resample_series
+        from nidask.ops.resample import check_order, resample_series
 
         order = check_order(order)
         data = resample_series(
@@ -319,7 +319,7 @@ class BaseDataset:
         return {}
 
     def default_model(self) -> str:
-        """The estimator's model for this kind of series (see :mod:`nidask.models`)."""
+        """The estimator's model for this kind of series (see :mod:`nidask.estimation.models`)."""
         return "average"
 
     def whole_series(self) -> BaseDataset:
@@ -374,15 +374,15 @@ class BaseDataset:
         return open_memmap(self.memmap_path)
 
     def to_filename(self, filename, *, compression: str | None = None, progress=None) -> None:
-        """Write an NFDH5 file (streamed, atomic); see :mod:`nidask.nfdh5`."""
-        from .nfdh5 import write_nfdh5
+        """Write an NFDH5 file (streamed, atomic); see :mod:`nidask.io.nfdh5`."""
+        from nidask.io.nfdh5 import write_nfdh5
 
         write_nfdh5(self, filename, compression=compression, progress=progress)
 
     @classmethod
     def from_filename(cls, filename, **kwargs):
         """Open an NFDH5 file lazily; fails if it holds another dataset type."""
-        from .nfdh5 import read_nfdh5
+        from nidask.io.nfdh5 import read_nfdh5
 
         dataset = read_nfdh5(filename, **kwargs)
         if not isinstance(dataset, cls):
@@ -417,7 +417,7 @@ class BaseDataset:
         dtype : dtype, optional
             On-disk dtype (default: float32 when resampled, else the data dtype).
         """
-        from .export import export_nifti
+        from nidask.export import export_nifti
 
         export_nifti(
             self,

@@ -17,11 +17,11 @@ import dask
 import dask.array as da
 import numpy as np
 
-from .cache import Cache
-from .config import b0_threshold
-from .dataset import BaseDataset, interleave_volumes, take_volumes
-from .errors import InputError
-from .sources import check_readable, open_source
+from nidask.config import b0_threshold
+from nidask.dataset import BaseDataset, interleave_volumes, take_volumes
+from nidask.errors import InputError
+from nidask.io.cache import Cache
+from nidask.io.sources import check_readable, open_source
 
 B0_THRESHOLD = 50.0  # the default of ``nidask.b0-threshold``
 MIN_DIFFUSION_VOLUMES = 6
@@ -231,7 +231,7 @@ class DWI(BaseDataset):
         return (self.gradients[positions[0]] if single else self.gradients[positions],)
 
     def _resampled_fields(self, order: int, mode: str, cval: float) -> dict:
-        from .resample import resample_series, rotate_bvecs
+        from nidask.ops.resample import resample_series, rotate_bvecs
 
         fields = {}
         if self.motion_affines is not None:

@@ -10,7 +10,7 @@ reports what is left, volume by volume, as a translation (mm, displacement of th
 centre of the field of view) and a rotation angle (degrees).
 
 >>> import numpy as np
->>> from nidask.registration import rigid_matrix
+>>> from nidask.estimation.registration import rigid_matrix
 >>> true = np.stack([rigid_matrix([i, 0, 0, 0, 0, 0.01 * i]) for i in range(4)])
 >>> offset = rigid_matrix([0.5, -1.0, 0.0, 0.02, 0.0, 0.0])
 >>> errors = motion_errors(true @ offset, true, np.eye(4), (10, 10, 10))
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InputError
-from .registration import fov_center, motion_parameters, rigid_matrix
+from nidask.errors import InputError
+from nidask.estimation.registration import fov_center, motion_parameters, rigid_matrix
 
 __all__ = ["common_offset", "motion_errors", "rotation_angle"]
 

@@ -17,9 +17,9 @@ import os
 import dask.array as da
 import numpy as np
 
-from .cache import atomic_outputs
-from .errors import InputError
-from .nifti import is_gzip_name, make_header, write_nifti_file
+from nidask.errors import InputError
+from nidask.io.cache import atomic_outputs
+from nidask.io.nifti import is_gzip_name, make_header, write_nifti_file
 
 
 def sidecar_path(filename, suffix: str) -> str:
@@ -63,7 +63,7 @@ def export_nifti(
     See :meth:`nidask.BaseDataset.to_nifti` for the parameters; DWI-only ones are
     ``insert_b0``, ``b0_volumes``, ``bvals_dec_places`` and ``bvecs_dec_places``.
     """
-    from .dmri import DWI
+    from nidask.dmri import DWI
 
     is_dwi = isinstance(dataset, DWI)
     if b0_volumes and not insert_b0:

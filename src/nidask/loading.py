@@ -7,12 +7,12 @@ import os
 import h5py
 import numpy as np
 
-from . import dmri, pet
-from .cache import Cache
-from .dataset import BaseDataset
-from .errors import InputError
-from .nfdh5 import read_nfdh5
-from .sources import check_readable, open_source
+from nidask import dmri, pet
+from nidask.dataset import BaseDataset
+from nidask.errors import InputError
+from nidask.io.cache import Cache
+from nidask.io.nfdh5 import read_nfdh5
+from nidask.io.sources import check_readable, open_source
 
 GRADIENT_KEYS = {"bvec_file", "bval_file", "gradients_file", "b0_file"}
 

@@ -14,11 +14,11 @@ import os
 import attrs
 import numpy as np
 
-from .cache import Cache
-from .dataset import BaseDataset
-from .dmri import load_mask
-from .errors import InputError
-from .sources import check_readable, open_source
+from nidask.dataset import BaseDataset
+from nidask.dmri import load_mask
+from nidask.errors import InputError
+from nidask.io.cache import Cache
+from nidask.io.sources import check_readable, open_source
 
 
 def temporal_markers(

@@ -18,10 +18,10 @@ import nibabel as nb
 import numpy as np
 from scipy import ndimage
 
-from .errors import InputError
-from .evaluation import motion_errors  # noqa: F401  (nidask.phantom.motion_errors)
-from .registration import fov_center, rigid_matrix
-from .resample import resample_volume
+from nidask.errors import InputError
+from nidask.estimation.registration import fov_center, rigid_matrix
+from nidask.evaluation import motion_errors  # noqa: F401  (nidask.phantom.motion_errors)
+from nidask.ops.resample import resample_volume
 
 
 @attrs.define
@@ -615,7 +615,7 @@ def write_series(path, shape, dtype="int16", seed: int = 0, block_volumes: int =
 
     For memory tests and benchmarks: volumes are generated and appended in blocks.
     """
-    from .nifti import HEADER_BYTES, header_bytes, make_header
+    from nidask.io.nifti import HEADER_BYTES, header_bytes, make_header
 
     path = os.fspath(path)
     header = make_header(shape, dtype, phantom_affine(shape[:3]))

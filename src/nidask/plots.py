@@ -14,8 +14,8 @@ import os
 
 import numpy as np
 
-from .errors import InputError, NidaskError
-from .reports import motion_table
+from nidask.errors import InputError, NidaskError
+from nidask.reports import motion_table
 
 __all__ = ["MissingDependencyError", "plot_mosaic", "plot_motion", "save_figure"]
 
@@ -48,7 +48,7 @@ def _new_figure(**kwargs):
 
 def save_figure(figure, filename, dpi: int = 100) -> None:
     """Write ``figure`` to ``filename`` atomically (format from the extension)."""
-    from .cache import atomic_output
+    from nidask.io.cache import atomic_output
 
     _, _, canvas_class = _matplotlib()
     if not isinstance(figure.canvas, canvas_class):
@@ -168,7 +168,7 @@ def _slices(dataset, positions: np.ndarray, z: int) -> np.ndarray:
         # only the shown volumes are resampled (and read)
         selected = dataset.select(positions).resampled(order=1)
         return np.asarray(selected.dataobj[:, :, z, :].compute(), dtype=np.float32)
-    from .dataset import take_volumes
+    from nidask.dataset import take_volumes
 
     out = np.empty((*dataset.shape3d[:2], len(positions)), dtype=np.float32)
     bounds = np.cumsum((0, *dataset.dataobj.chunks[3]))

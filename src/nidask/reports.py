@@ -14,9 +14,9 @@ import os
 
 import numpy as np
 
-from .cache import atomic_output
-from .errors import InputError
-from .registration import fov_center, framewise_displacement, motion_parameters
+from nidask.errors import InputError
+from nidask.estimation.registration import fov_center, framewise_displacement, motion_parameters
+from nidask.io.cache import atomic_output
 
 COLUMNS = (
     "volume",
@@ -36,7 +36,7 @@ def motion_table(affines, affine, shape3d, radius: float = 50.0) -> np.ndarray:
     """(N, 7) array: tx, ty, tz (mm), rx, ry, rz (degrees), framewise displacement (mm).
 
     Parameters are about the centre of the field of view (see
-    :func:`nidask.registration.motion_parameters`); so is the framewise
+    :func:`nidask.estimation.registration.motion_parameters`); so is the framewise
     displacement (``radius`` mm sphere).
     """
     affines = np.asarray(affines, dtype=float)
@@ -84,7 +84,7 @@ def flagged(report: dict | None) -> dict[str, list[int]]:
 
 def largest_motion(dataset, count: int = 4) -> list[int]:
     """Positions (in the dataset) of the ``count`` volumes that moved most."""
-    from .evaluation import rotation_angle
+    from nidask.evaluation import rotation_angle
 
     centre = np.append(fov_center(dataset.affine, dataset.shape3d), 1.0)
     size = [
@@ -120,7 +120,7 @@ def write_outputs(
     diffusion-weighted volumes).  ``warn(message)`` receives notes (missing
     plotting library).  Returns the names written (relative to ``directory``).
     """
-    from .export import write_transforms
+    from nidask.export import write_transforms
 
     written = []
     corrected = os.path.join(directory, "corrected.nii.gz")
@@ -136,7 +136,7 @@ def write_outputs(
     written.append("motion.tsv")
     if not plots:
         return written
-    from .plots import MissingDependencyError, plot_mosaic, plot_motion
+    from nidask.plots import MissingDependencyError, plot_mosaic, plot_motion
 
     try:
         plot_motion(

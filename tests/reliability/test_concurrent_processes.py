@@ -24,7 +24,7 @@ from guards import child_env
 
 import nidask
 from conftest import write_hdf5_series, write_nifti
-from nidask.cache import CACHE_PREFIX, TEMP_MARK
+from nidask.io.cache import CACHE_PREFIX, TEMP_MARK
 
 N_PROCESSES = 4
 

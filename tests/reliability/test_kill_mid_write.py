@@ -4,8 +4,8 @@ A child process streams a ~200 MB series (``nidask.phantom.write_series``) into 
 sink and is killed with SIGKILL as soon as its temporary output appears.  Nothing
 may exist at the final path, the input must be byte-identical, and what the dead
 process left — its ``.nidask-tmp-<pid>-...`` output and its ``nidask-cache-<pid>-...``
-directory — must be removed by :func:`nidask.cache.remove_stale_temporaries` and
-:func:`nidask.cache.reclaim` (or by the next process creating a cache there), while
+directory — must be removed by :func:`nidask.io.cache.remove_stale_temporaries` and
+:func:`nidask.io.cache.reclaim` (or by the next process creating a cache there), while
 the same leftovers of a *live* process are left alone.
 """
 
@@ -24,7 +24,7 @@ from guards import child_env
 import nidask
 from conftest import checksum_tree
 from nidask import phantom
-from nidask.cache import (
+from nidask.io.cache import (
     CACHE_PREFIX,
     TEMP_MARK,
     Cache,
@@ -68,7 +68,7 @@ WRITER = textwrap.dedent(
 HOLDER = textwrap.dedent(
     """
     import os, sys, time
-    from nidask.cache import Cache, temporary_name
+    from nidask.io.cache import Cache, temporary_name
     cache = Cache(sys.argv[1])
     temp = temporary_name(os.path.join(sys.argv[2], "live.nii"))
     open(temp, "w").close()

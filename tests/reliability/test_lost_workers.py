@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 
 import nidask
-from nidask.cache import TEMP_MARK
-from nidask.registration import get_registration
+from nidask.estimation.registration import get_registration
+from nidask.io.cache import TEMP_MARK
 
 # tasks defined here travel by value: workers need not import this test module
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -29,9 +29,9 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from . import gaussian_process as gp
-from .config import b0_threshold
-from .errors import InputError
+from nidask.config import b0_threshold
+from nidask.errors import InputError
+from nidask.estimation import gaussian_process as gp
 
 VOLUME_META = ("gradients", "midframe")
 VOXEL_META = ("bzero",)
@@ -291,7 +291,7 @@ def _weighted_fit(log_signal: np.ndarray, design: np.ndarray):
 class GPModel(FoldModel):
     """Gaussian-process prediction across directions and shells (FSL eddy's predictor).
 
-    See :mod:`nidask.gaussian_process`.  Diffusion-weighted volumes are predicted by
+    See :mod:`nidask.estimation.gaussian_process`.  Diffusion-weighted volumes are predicted by
     the process, with hyperparameters fitted by :meth:`prepare` (the estimator calls
     it once per pass on a voxel sample; a block is used when it was not called);
     b=0 volumes by the mean of the other b=0 volumes.
@@ -321,7 +321,7 @@ class GPModel(FoldModel):
         """A copy with hyperparameters fitted on ``sample`` (n_voxels, N).
 
         The noise variance comes from the b=0 volumes when there are three or more
-        (:func:`~nidask.gaussian_process.noise_variance`); the other hyperparameters
+        (:func:`~nidask.estimation.gaussian_process.noise_variance`); the other hyperparameters
         from the voxels with the largest within-shell variance.
         """
         gradients, b0, dw = self._split(meta)

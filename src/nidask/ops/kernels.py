@@ -1,7 +1,7 @@
 """Compiled twins of ``scipy.ndimage.affine_transform`` for rigid/affine resampling.
 
 With `numba <https://numba.pydata.org>`_ installed (``pip install "nidask[fast]"``),
-:mod:`nidask.resample` interpolates ``mode="constant"`` volumes at orders 1 and 3 with
+:mod:`nidask.ops.resample` interpolates ``mode="constant"`` volumes at orders 1 and 3 with
 the kernels below instead of scipy's generic N-d loop: the same arithmetic (trilinear
 weights; cubic B-spline weights on scipy's own ``spline_filter`` coefficients, whose
 support is mirrored at the edges as scipy does for this mode; ``cval`` for samples

@@ -43,10 +43,10 @@ import dask.array as da
 import numpy as np
 from scipy import ndimage as ndi
 
-from nidask import kernels
 from nidask.config import chunk_bytes
 from nidask.errors import InputError
-from nidask.sources import rechunk_volumes
+from nidask.io.sources import rechunk_volumes
+from nidask.ops import kernels
 
 __all__ = [
     "MODES",
@@ -258,8 +258,8 @@ def _as_interpolable(volume: np.ndarray) -> np.ndarray:
 def _resample_into(volume, matrix, order, mode, cval, output, compiled) -> np.ndarray:
     """Resample one 3D volume into ``output`` (float32, same shape); no validation.
 
-    ``compiled``: use :mod:`nidask.kernels` (scipy's values, with numba), decided
-    where the graph is built (:func:`nidask.kernels.available`); else scipy.
+    ``compiled``: use :mod:`nidask.ops.kernels` (scipy's values, with numba), decided
+    where the graph is built (:func:`nidask.ops.kernels.available`); else scipy.
     """
     volume = _as_interpolable(volume)
     if compiled:
@@ -343,7 +343,7 @@ def volumes_per_task(shape3d, dtype, order: int, budget: int | None = None) -> i
     scratch: scipy's float64 spline coefficients for ``order > 1``, or a float32
     copy of an input that scipy cannot read natively.  The default budget is half
     of ``nidask.chunk-size``: every task that holds more than its input keeps its
-    working set within half the budget (see :func:`nidask.store.write_blocks`).
+    working set within half the budget (see :func:`nidask.io.store.write_blocks`).
 
     >>> volumes_per_task((10, 10, 10), "int16", order=3, budget=60_000)
     8

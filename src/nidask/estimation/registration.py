@@ -54,8 +54,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import ndimage, optimize
 
-from nidask import kernels
 from nidask.errors import InputError
+from nidask.ops import kernels
 
 __all__ = [
     "REGISTRATIONS",

@@ -38,7 +38,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import linalg, optimize, stats
 
-from .errors import InputError
+from nidask.errors import InputError
 
 #: Signal-to-noise variance ratios a voxel may take (0: no angular structure).
 RATIOS = np.r_[0.0, np.geomspace(0.01, 100.0, 13)]

@@ -12,7 +12,7 @@ a DWI's b=0 volumes too).  Each pass
    block of voxels by block,
 4. registers each observed volume to its prediction — one dask task per fold,
    reading both by path — and records the matrix and its quality,
-5. ties the frames of the prediction groups together (:mod:`nidask.frames`): a
+5. ties the frames of the prediction groups together (:mod:`nidask.estimation.frames`): a
    DWI's shells are brought into the frame of its b=0 template.
 
 Passes repeat until the largest change of any volume's estimate is below
@@ -44,11 +44,16 @@ import numpy as np
 from dask.base import tokenize
 from scipy import ndimage
 
-from .cache import atomic_output, remove_stale_temporaries
-from .config import volumes_per_chunk
-from .errors import InputError
-from .frames import METHODS, interleaved, interpolate_in_time, recentre, tie_frames
-from .lofo import (
+from nidask.config import volumes_per_chunk
+from nidask.errors import InputError
+from nidask.estimation.frames import (
+    METHODS,
+    interleaved,
+    interpolate_in_time,
+    recentre,
+    tie_frames,
+)
+from nidask.estimation.lofo import (
     fold_order,
     mask_index,
     read_column,
@@ -58,17 +63,23 @@ from .lofo import (
     write_vector,
     write_voxel_major,
 )
-from .models import frame_groups, get_model
-from .progress import compute
-from .registration import RigidRegistration, fov_center, get_registration, rigid_params
-from .sources import NpySource, read_npy_header
+from nidask.estimation.models import frame_groups, get_model
+from nidask.estimation.registration import (
+    RigidRegistration,
+    fov_center,
+    get_registration,
+    rigid_params,
+)
+from nidask.io.cache import atomic_output, remove_stale_temporaries
+from nidask.io.sources import NpySource, read_npy_header
+from nidask.progress import compute
 
 RUN_FILE = "run.json"
 REPORT_FILE = "report.json"
 
 #: The smallest field of view the estimator accepts: voxels and millimetres along each
 #: axis, voxels in the mask (dipy's 2 cm test crops fall below it).
-MIN_AXIS, MIN_EXTENT_MM, MIN_MASK = 8, 25.0, 500
+MIN_AXIS, MIN_EXTENT_MM, MIN_MASK = 8, 25.0, 300
 #: Fields of view below these are estimated but flagged ``small_fov``.
 SMALL_AXIS, SMALL_EXTENT_MM, SMALL_MASK = 24, 60.0, 10000
 
@@ -270,10 +281,10 @@ class Estimator:
         ``"auto"`` (the dataset's :meth:`~nidask.BaseDataset.default_model`),
         ``"gp"`` (Gaussian process, DWI), ``"average"`` (per-shell mean),
         ``"median"``, ``"b0"``, ``"dti"``, ``"pet"`` (temporal interpolation), a
-        :class:`nidask.models.Model` or a function ``f(train_data, train_meta,
+        :class:`nidask.estimation.models.Model` or a function ``f(train_data, train_meta,
         test_meta)``; a list gives one model per pass (the last one repeats).
     registration : str or callable
-        ``"rigid"`` or any :class:`nidask.registration.Registration`.
+        ``"rigid"`` or any :class:`nidask.estimation.registration.Registration`.
     order : str
         Fold scheduling order: ``"sequential"``, ``"reverse"``, ``"random"``,
         ``"bvalue"``.
@@ -289,7 +300,7 @@ class Estimator:
     reference : "template" or int
         Frame of the returned matrices (see the module docstring).
     frame_tie : {"auto", "temporal", "image"}
-        How the frames of the prediction groups are tied (:mod:`nidask.frames`).
+        How the frames of the prediction groups are tied (:mod:`nidask.estimation.frames`).
     initialize : {"auto", "none"}
         ``"auto"``: when the reference group's volumes recur throughout the series
         (interleaved b=0 volumes), the first pass registers them only and starts

@@ -32,8 +32,13 @@ from __future__ import annotations
 import numpy as np
 from scipy import optimize
 
-from .errors import InputError
-from .registration import RigidRegistration, fov_center, rigid_matrix, rigid_params
+from nidask.errors import InputError
+from nidask.estimation.registration import (
+    RigidRegistration,
+    fov_center,
+    rigid_matrix,
+    rigid_params,
+)
 
 METHODS = ("auto", "temporal", "image")
 

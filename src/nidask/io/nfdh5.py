@@ -15,14 +15,14 @@ import attrs
 import h5py
 import numpy as np
 
-from .cache import Cache, atomic_output
-from .dataset import BaseDataset, take_volumes
-from .dmri import DWI, normalize_gradients, split_b0
-from .errors import InputError
-from .pet import PET
-from .progress import compute
-from .sources import HDF5Source, check_readable
-from .store import HDF5Target, reserve, store, write_blocks
+from nidask.dataset import BaseDataset, take_volumes
+from nidask.dmri import DWI, normalize_gradients, split_b0
+from nidask.errors import InputError
+from nidask.io.cache import Cache, atomic_output
+from nidask.io.sources import HDF5Source, check_readable
+from nidask.io.store import HDF5Target, reserve, store, write_blocks
+from nidask.pet import PET
+from nidask.progress import compute
 
 FORMATS = {"NFDH5", "EMC/PET"}
 VERSIONS = {1, 2}

@@ -20,10 +20,10 @@ import dask.array as da
 import h5py
 import numpy as np
 
-from .config import chunk_bytes
-from .errors import InputError
-from .progress import compute
-from .sources import COPY_BLOCK, rechunk_volumes, source_of, volume_runs
+from nidask.config import chunk_bytes
+from nidask.errors import InputError
+from nidask.io.sources import COPY_BLOCK, rechunk_volumes, source_of, volume_runs
+from nidask.progress import compute
 
 #: copy_file_range cannot serve these file pairs; fall back to pread/pwrite
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
@@ -123,8 +123,8 @@ def write_blocks(array: da.Array) -> da.Array:
     than its input keeps its working set within half the budget.  HDF5 conversions
     and gzip output can be as large as the block they come from, so these writers
     take quarter-budget blocks (resampling sizes its own, see
-    :func:`nidask.resample.volumes_per_task`).  A file-backed array is read in the
-    smaller blocks directly (see :func:`nidask.sources.rechunk_volumes`).
+    :func:`nidask.ops.resample.volumes_per_task`).  A file-backed array is read in the
+    smaller blocks directly (see :func:`nidask.io.sources.rechunk_volumes`).
     """
     volume_bytes = math.prod(array.shape[:3]) * array.dtype.itemsize
     return rechunk_volumes(array, max(1, chunk_bytes() // 4 // max(volume_bytes, 1)))

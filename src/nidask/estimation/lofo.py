@@ -18,12 +18,12 @@ import os
 import dask
 import numpy as np
 
-from .config import chunk_bytes
-from .errors import InputError
-from .models import predict_folds
-from .progress import compute
-from .sources import read_npy_header
-from .store import create_npy, pwrite_all
+from nidask.config import chunk_bytes
+from nidask.errors import InputError
+from nidask.estimation.models import predict_folds
+from nidask.io.sources import read_npy_header
+from nidask.io.store import create_npy, pwrite_all
+from nidask.progress import compute
 
 ORDERS = ("sequential", "reverse", "random", "bvalue")
 
@@ -207,7 +207,7 @@ def sweep_predictions(
     voxels : str
         Voxel-major matrix from :func:`write_voxel_major`.
     model : Model
-        See :mod:`nidask.models`; must pickle for process schedulers.
+        See :mod:`nidask.estimation.models`; must pickle for process schedulers.
     meta : dict
         Per-volume metadata (``gradients``, ``midframe``) for all N volumes.
     target : str

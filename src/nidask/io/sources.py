@@ -29,8 +29,8 @@ from dask.base import tokenize
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError, HeaderTypeError, ImageDataError
 
-from .config import volume_chunks, volumes_per_chunk
-from .errors import InputError
+from nidask.config import volume_chunks, volumes_per_chunk
+from nidask.errors import InputError
 
 COPY_BLOCK = 16 * 2**20
 #: Most volumes a series may declare (a header claiming more is damaged or hostile).
@@ -160,7 +160,7 @@ class VolumeSource:
 
         That is: in this dtype (native byte order, unscaled), each volume one
         contiguous Fortran-ordered block, so a sink may copy the bytes in the kernel
-        (see :func:`nidask.store.copy_volumes`) instead of reading them into memory.
+        (see :func:`nidask.io.store.copy_volumes`) instead of reading them into memory.
         """
         return False
 
@@ -558,7 +558,7 @@ def open_source(path: str | os.PathLike, cache=None, key: str | None = None) -> 
     ----------
     path : path-like
         The file.
-    cache : nidask.cache.Cache, optional
+    cache : nidask.io.cache.Cache, optional
         Where a ``.nii.gz`` file gets decompressed (required for those).
     key : str, optional
         Dataset name inside an HDF5 file.

@@ -32,8 +32,8 @@ import weakref
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .config import cache_root
-from .errors import OutputError
+from nidask.config import cache_root
+from nidask.errors import OutputError
 
 CACHE_PREFIX = "nidask-cache-"
 TEMP_MARK = ".nidask-tmp-"

@@ -1,0 +1,1 @@
+"""Motion estimation: models, registration, frames, leave-one-out, the estimator."""

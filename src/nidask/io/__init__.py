@@ -1,0 +1,1 @@
+"""Arrays and files: sources, .npy layouts, stores, NIfTI and NFDH5 formats, caches."""

@@ -1,0 +1,1 @@
+"""Operations on dask arrays of volumes: resampling and its compiled kernels."""
