@@ -285,7 +285,7 @@ def test_estimate_interrupted_then_resumed(dwi_phantom, tmp_path):
 
     transforms = ntl.load(out / "motion.x5", fmt="X5")
     assert len(transforms) == n
-    from nidask.estimation.registration import motion_parameters
+    from nidask.geometry import motion_parameters
 
     ref = nb.load(dwi_phantom.image)
     for i in (0, n - 1):

@@ -7,8 +7,8 @@ import pytest
 
 from nidask import phantom
 from nidask.errors import InputError
-from nidask.estimation.registration import fov_center, rigid_matrix
 from nidask.evaluation import motion_errors, rotation_angle
+from nidask.geometry import fov_center, rigid_matrix
 
 SHAPE = (20, 22, 16)
 AFFINE = phantom.phantom_affine(SHAPE)

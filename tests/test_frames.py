@@ -13,7 +13,7 @@ from nidask.estimation.frames import (
     temporal_offsets,
     tie_frames,
 )
-from nidask.estimation.registration import fov_center, rigid_matrix, rigid_params
+from nidask.geometry import fov_center, rigid_matrix, rigid_params
 from nidask.phantom import phantom_affine, realistic_motion
 
 SHAPE = (40, 40, 30)

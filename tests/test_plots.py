@@ -10,7 +10,7 @@ import pytest
 
 import nidask
 from nidask import plots
-from nidask.estimation.registration import fov_center, framewise_displacement, rigid_matrix
+from nidask.geometry import fov_center, framewise_displacement, rigid_matrix
 from nidask.io import sources
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -14,9 +14,11 @@ from nidask.estimation.registration import (
     REGISTRATIONS,
     Registration,
     RigidRegistration,
+    get_registration,
+)
+from nidask.geometry import (
     fov_center,
     framewise_displacement,
-    get_registration,
     motion_parameters,
     rigid_matrix,
     rigid_params,

@@ -13,10 +13,10 @@ from scipy.spatial.transform import Rotation
 
 from conftest import record_reads
 from nidask.errors import InputError
+from nidask.geometry import check_matrix
 from nidask.io.sources import NiftiSource
 from nidask.ops import resample
 from nidask.ops.resample import (
-    check_matrix,
     check_order,
     resample_series,
     resample_volume,

@@ -265,7 +265,7 @@ def _warn_flags(report) -> None:
 
 
 def _motion_summary(dataset) -> str:
-    from nidask.reports import motion_table
+    from nidask.geometry import motion_table
 
     dataset = dataset.whole_series()
     table = motion_table(dataset.motion_affines, dataset.affine, dataset.shape3d)
@@ -308,7 +308,7 @@ def _file_facts(path: str) -> dict:
             volumes_in_file=int(image.shape[3]) if len(image.shape) > 3 else 1,
         )
     elif lower.endswith(".npy"):
-        from nidask.io.sources import read_npy_header
+        from nidask.io.npy import read_npy_header
 
         shape, fortran, dtype, _ = read_npy_header(path)
         facts.update(

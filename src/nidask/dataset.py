@@ -23,9 +23,11 @@ import numpy as np
 from dask.base import tokenize
 
 from nidask.errors import InputError
+from nidask.geometry import check_affine
 from nidask.io.cache import Cache, atomic_output
-from nidask.io.sources import NpySource, VolumeSelection, check_affine, source_of, volume_runs
-from nidask.io.store import open_memmap, write_npy
+from nidask.io.npy import open_memmap
+from nidask.io.sources import NpySource, VolumeSelection, source_of, volume_runs
+from nidask.io.store import write_npy
 
 
 def _as_float_array(value, shape: tuple | None = None, name: str = "value") -> np.ndarray | None:
@@ -280,7 +282,7 @@ class BaseDataset:
             If ``index`` is not an integer within range, or the matrix is not a
             finite, invertible 4x4 affine.  Nothing is recorded then.
         """
-        from nidask.ops.resample import check_matrix
+        from nidask.geometry import check_matrix
 
         if isinstance(index, bool | np.bool_) or not isinstance(index, int | np.integer):
             raise InputError(f"volume index must be an integer, got {index!r}")

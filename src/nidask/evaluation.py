@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from nidask.errors import InputError
-from nidask.estimation.registration import fov_center, motion_parameters, rigid_matrix
+from nidask.geometry import fov_center, motion_parameters, rigid_matrix
 
 __all__ = ["common_offset", "motion_errors", "rotation_angle"]
 

@@ -19,8 +19,8 @@ import numpy as np
 from scipy import ndimage
 
 from nidask.errors import InputError
-from nidask.estimation.registration import fov_center, rigid_matrix
 from nidask.evaluation import motion_errors  # noqa: F401  (nidask.phantom.motion_errors)
+from nidask.geometry import fov_center, rigid_matrix
 from nidask.ops.resample import resample_volume
 
 

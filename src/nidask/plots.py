@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from nidask.errors import InputError, NidaskError
-from nidask.reports import motion_table
+from nidask.geometry import motion_table
 
 __all__ = ["MissingDependencyError", "plot_mosaic", "plot_motion", "save_figure"]
 

@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from nidask.errors import InputError
-from nidask.estimation.registration import fov_center, framewise_displacement, motion_parameters
+from nidask.geometry import fov_center, motion_table
 from nidask.io.cache import atomic_output
 
 COLUMNS = (
@@ -30,21 +30,6 @@ COLUMNS = (
     "similarity",
     "flags",
 )
-
-
-def motion_table(affines, affine, shape3d, radius: float = 50.0) -> np.ndarray:
-    """(N, 7) array: tx, ty, tz (mm), rx, ry, rz (degrees), framewise displacement (mm).
-
-    Parameters are about the centre of the field of view (see
-    :func:`nidask.estimation.registration.motion_parameters`); so is the framewise
-    displacement (``radius`` mm sphere).
-    """
-    affines = np.asarray(affines, dtype=float)
-    if affines.ndim != 3 or affines.shape[1:] != (4, 4) or len(affines) == 0:
-        raise InputError(f"motion matrices must be an (N, 4, 4) stack, got shape {affines.shape}")
-    params = np.array([motion_parameters(a, affine, shape3d) for a in affines])
-    fd = framewise_displacement(affines, radius=radius, center=fov_center(affine, shape3d))
-    return np.column_stack([params, fd])
 
 
 def volume_quality(report: dict | None, indices) -> list[tuple[float | None, list[str]]]:

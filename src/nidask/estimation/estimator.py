@@ -60,18 +60,14 @@ from nidask.estimation.lofo import (
     read_rows,
     scatter,
     sweep_predictions,
-    write_vector,
     write_voxel_major,
 )
 from nidask.estimation.models import frame_groups, get_model
-from nidask.estimation.registration import (
-    RigidRegistration,
-    fov_center,
-    get_registration,
-    rigid_params,
-)
+from nidask.estimation.registration import RigidRegistration, get_registration
+from nidask.geometry import fov_center, rigid_params
 from nidask.io.cache import atomic_output, remove_stale_temporaries
-from nidask.io.sources import NpySource, read_npy_header
+from nidask.io.npy import NpyFile, write_vector
+from nidask.io.sources import NpySource
 from nidask.progress import compute
 
 RUN_FILE = "run.json"
@@ -86,15 +82,7 @@ SMALL_AXIS, SMALL_EXTENT_MM, SMALL_MASK = 24, 60.0, 10000
 
 def read_volume(path: str, index: int) -> np.ndarray:
     """Volume ``index`` of a volume-contiguous ``.npy`` as float32 (one read)."""
-    shape, fortran, dtype, offset = read_npy_header(path)
-    if not fortran:
-        raise InputError("expected a Fortran-ordered (volume-contiguous) array", path)
-    size3d = int(np.prod(shape[:3]))
-    with open(path, "rb") as f:
-        raw = os.pread(
-            f.fileno(), size3d * dtype.itemsize, offset + index * size3d * dtype.itemsize
-        )
-    return np.frombuffer(raw, dtype=dtype).reshape(shape[:3], order="F").astype(np.float32)
+    return NpyFile.open(path).read_volume(index)
 
 
 def _save_atomic(path: str, array: np.ndarray) -> None:
@@ -226,7 +214,7 @@ def check_field_of_view(shape3d, affine, mask: np.ndarray, path: str | None = No
 
 def sample_rows(voxels: str, count: int, rows: np.ndarray | None = None) -> np.ndarray:
     """``count`` rows of a voxel-major matrix spread evenly over ``rows`` (default all)."""
-    (n_rows, _), *_ = read_npy_header(voxels)
+    n_rows = NpyFile.open(voxels).shape[0]
     rows = np.arange(n_rows) if rows is None else np.asarray(rows)
     picks = rows[np.unique(np.linspace(0, len(rows) - 1, min(count, len(rows))).astype(int))]
     return np.vstack([read_rows(voxels, int(r), int(r) + 1) for r in picks])

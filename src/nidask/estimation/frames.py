@@ -33,12 +33,8 @@ import numpy as np
 from scipy import optimize
 
 from nidask.errors import InputError
-from nidask.estimation.registration import (
-    RigidRegistration,
-    fov_center,
-    rigid_matrix,
-    rigid_params,
-)
+from nidask.estimation.registration import RigidRegistration
+from nidask.geometry import fov_center, rigid_matrix, rigid_params
 
 METHODS = ("auto", "temporal", "image")
 

@@ -13,7 +13,6 @@ runs on threads, processes and distributed workers.
 from __future__ import annotations
 
 import math
-import os
 
 import dask
 import numpy as np
@@ -21,8 +20,7 @@ import numpy as np
 from nidask.config import chunk_bytes
 from nidask.errors import InputError
 from nidask.estimation.models import predict_folds
-from nidask.io.sources import read_npy_header
-from nidask.io.store import create_npy, pwrite_all
+from nidask.io.npy import NpyFile
 from nidask.progress import compute
 
 ORDERS = ("sequential", "reverse", "random", "bvalue")
@@ -75,50 +73,27 @@ def row_blocks(
 
 def _read_rows_from_volumes(path: str, flat_rows: np.ndarray) -> np.ndarray:
     """(len(flat_rows), N) float32 from a volume-contiguous (X, Y, Z, N) ``.npy``."""
-    shape, fortran, dtype, offset = read_npy_header(path)
-    size3d, n = math.prod(shape[:3]), shape[3]
+    series = NpyFile.open(path)
     lo, hi = int(flat_rows[0]), int(flat_rows[-1]) + 1
-    span = np.empty((n, hi - lo), dtype=dtype)  # the rows' span of every volume
-    with open(path, "rb") as f:
-        for v in range(n):
-            f.seek(offset + (v * size3d + lo) * dtype.itemsize)
-            if f.readinto(memoryview(span[v]).cast("B")) != span[v].nbytes:
-                raise InputError("file is shorter than its header declares", path)
+    span = np.empty((series.shape[3], hi - lo), dtype=series.dtype)  # each volume's span
+    for v in range(series.shape[3]):
+        series.read_span(v, lo, hi, span[v])
     picked = span if len(flat_rows) == hi - lo else span[:, flat_rows - lo]
     return np.ascontiguousarray(picked.T, dtype=np.float32)
 
 
 def _write_voxel_block(volumes: str, target: str, flat_rows: np.ndarray, start: int) -> None:
-    block = _read_rows_from_volumes(volumes, flat_rows)
-    offset = read_npy_header(target)[3]
-    fd = os.open(target, os.O_WRONLY)
-    try:
-        pwrite_all(fd, np.ascontiguousarray(block).data, offset + start * block.shape[1] * 4)
-    finally:
-        os.close(fd)
+    NpyFile.open(target).write(_read_rows_from_volumes(volumes, flat_rows), start)
 
 
 def read_rows(path: str, start: int, stop: int) -> np.ndarray:
-    """Rows ``start:stop`` of a C-ordered 2D ``.npy`` (one contiguous read)."""
-    shape, _, dtype, offset = read_npy_header(path)
-    width = shape[1] if len(shape) > 1 else 1
-    with open(path, "rb") as f:
-        raw = os.pread(
-            f.fileno(),
-            (stop - start) * width * dtype.itemsize,
-            offset + start * width * dtype.itemsize,
-        )
-    return np.frombuffer(raw, dtype=dtype).reshape((stop - start, *shape[1:]))
+    """Rows ``start:stop`` of a C-ordered ``.npy`` (one contiguous read)."""
+    return NpyFile.open(path).read_rows(start, stop)
 
 
 def read_column(path: str, column: int) -> np.ndarray:
     """Column ``column`` of a Fortran-ordered 2D ``.npy`` (one contiguous read)."""
-    shape, fortran, dtype, offset = read_npy_header(path)
-    with open(path, "rb") as f:
-        raw = os.pread(
-            f.fileno(), shape[0] * dtype.itemsize, offset + column * shape[0] * dtype.itemsize
-        )
-    return np.frombuffer(raw, dtype=dtype)
+    return NpyFile.open(path).read_column(column)
 
 
 def write_voxel_major(volumes: str, mask: np.ndarray, target: str, *, progress=None) -> str:
@@ -133,15 +108,15 @@ def write_voxel_major(volumes: str, mask: np.ndarray, target: str, *, progress=N
     target : str
         Output ``.npy`` (float32, C order); must not exist yet.
     """
-    shape, _, dtype, _ = read_npy_header(volumes)
+    series = NpyFile.open(volumes)
+    n = series.shape[3]
     flat = mask_index(mask)
-    create_npy(target, (len(flat), shape[3]), np.float32, fortran_order=False)
-    budget = chunk_bytes()
+    NpyFile.create(target, (len(flat), n), np.float32, fortran_order=False)
+    # a task holds the span of the volumes as read, plus the float32 rows it writes
+    row_bytes = n * max(series.dtype.itemsize, 4) * 2
     tasks = [
         dask.delayed(_write_voxel_block, pure=False)(volumes, target, flat[a:b], a)
-        for a, b in row_blocks(
-            flat, math.prod(shape[:3]), shape[3] * max(dtype.itemsize, 4) * 2, budget
-        )
+        for a, b in row_blocks(flat, math.prod(series.shape[:3]), row_bytes, chunk_bytes())
     ]
     compute(*tasks, label="writing voxel-major matrix", progress=progress)
     return target
@@ -163,29 +138,16 @@ def _predict_block(
     for key, path in voxel_meta.items():
         block_meta[key] = read_rows(path, start, stop).ravel()
     predictions = predict_folds(model, data, block_meta, folds)
-    n_rows = read_npy_header(target)[0][0]
-    offset = read_npy_header(target)[3]
-    fd = os.open(target, os.O_WRONLY)
-    try:
-        for j, fold in enumerate(folds):
-            column = np.ascontiguousarray(predictions[:, j], dtype=np.float32)
-            pwrite_all(fd, column.data, offset + (int(fold) * n_rows + start) * 4)
-    finally:
-        os.close(fd)
+    output = NpyFile.open(target)
+    for j, fold in enumerate(folds):
+        output.write(predictions[:, j], int(fold), start)
     if residuals is not None:
         path, groups = residuals
         squared = (data[:, list(folds)] - predictions) ** 2
-        labels = np.unique(groups)
         chosen = np.asarray(groups)[list(folds)]
-        variance = np.stack([squared[:, chosen == g].mean(axis=1) for g in labels], axis=1)
-        offset = read_npy_header(path)[3]
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            for k in range(len(labels)):
-                column = np.ascontiguousarray(variance[:, k], dtype=np.float32)
-                pwrite_all(fd, column.data, offset + (k * n_rows + start) * 4)
-        finally:
-            os.close(fd)
+        variances = NpyFile.open(path)
+        for k, g in enumerate(np.unique(groups)):
+            variances.write(squared[:, chosen == g].mean(axis=1), k, start)
 
 
 def sweep_predictions(
@@ -223,16 +185,18 @@ def sweep_predictions(
         squared leave-one-out residual over each group's folds (groups in sorted
         order), the model's own error where it predicts.
     """
-    (n_voxels, n), *_ = read_npy_header(voxels)
+    n_voxels, n = NpyFile.open(voxels).shape
     folds = list(range(n)) if folds is None else [int(f) for f in folds]
-    create_npy(target, (n_voxels, n), np.float32, fortran_order=True)
+    NpyFile.create(target, (n_voxels, n), np.float32, fortran_order=True)
     extra = None
     if residuals is not None:
         if groups is None or len(groups) != n:
             raise InputError(f"residuals need the group of each of the {n} volumes")
-        create_npy(residuals, (n_voxels, len(np.unique(groups))), np.float32, fortran_order=True)
+        shape = (n_voxels, len(np.unique(groups)))
+        NpyFile.create(residuals, shape, np.float32, fortran_order=True)
         extra = (residuals, np.asarray(groups))
-    rows = max(1, chunk_bytes() // (n * 4 * 4))
+    # a block's rows, its predictions and the models' float32/float64 temporaries
+    rows = max(1, chunk_bytes() // (n * np.dtype(np.float32).itemsize * 4))
     tasks = [
         dask.delayed(_predict_block, pure=False)(
             voxels, target, a, min(a + rows, n_voxels), model, meta, voxel_meta or {}, folds, extra
@@ -241,13 +205,6 @@ def sweep_predictions(
     ]
     compute(*tasks, label="predicting folds", progress=progress)
     return target
-
-
-def write_vector(path: str, values: np.ndarray) -> str:
-    """Save a (n_voxels,) float32 covariate as a 2D (n, 1) ``.npy`` for :func:`read_rows`."""
-    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a name
-        np.save(f, np.asarray(values, dtype=np.float32).reshape(-1, 1))
-    return path
 
 
 def scatter(values: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -4,30 +4,11 @@ Leave-one-volume-out head-motion estimation predicts volume ``i`` from the other
 (the *fixed* image) and registers the observed volume ``i`` (the *moving* image) to
 it. Both live on the same voxel grid, described by one ``affine``.
 
-Motion-matrix convention
-------------------------
-Every matrix here follows nitransforms/nifreeze (see ``DESIGN.md``): ``A`` maps
-reference-space (fixed) RAS millimetre coordinates to moving-space RAS coordinates.
-Resampling the moving volume at output voxel ``o`` samples it at
-``inv(affine) @ A @ affine @ o``, which reproduces the fixed image::
-
-    M = np.linalg.inv(affine) @ A @ affine
-    scipy.ndimage.affine_transform(moving, M[:3, :3], offset=M[:3, 3])  # ~ fixed
-
-Equivalently ``fixed(x) = moving(A @ x)`` for world points ``x``.
-
-Rigid parameters
-----------------
-Six numbers ``(tx, ty, tz, rx, ry, rz)``: translations in mm and rotation angles in
-radians. With a centre ``c`` (world mm; the world origin if not given) the matrix is::
-
-    A @ x = R @ (x - c) + c + t,      R = Rz(rz) @ Ry(ry) @ Rx(rx)
-
-so ``t = A(c) - c`` is the displacement of the centre and the rotation is applied
-about ``x`` first, then ``y``, then ``z`` (right-handed, counter-clockwise when
-looking down the positive axis). :class:`RigidRegistration` optimises these
-parameters about the centre of the field of view, which keeps translations and
-rotations decoupled and the optimisation well conditioned.
+The motion-matrix convention and the rigid parameters are those of
+:mod:`nidask.geometry`: the result ``A`` maps fixed (reference) RAS coordinates to
+moving RAS coordinates, so ``fixed(x) = moving(A @ x)``; :class:`RigidRegistration`
+optimises the six rigid parameters about the centre of the field of view, which
+keeps translations and rotations decoupled and the optimisation well conditioned.
 
 Plug-ins
 --------
@@ -46,27 +27,22 @@ ANTs.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-from numpy.typing import ArrayLike
 from scipy import ndimage, optimize
 
 from nidask.errors import InputError
+from nidask.geometry import fov_center, rigid_matrix, rigid_params, rotation_and_derivatives
 from nidask.ops import kernels
 
 __all__ = [
     "REGISTRATIONS",
     "Registration",
     "RigidRegistration",
-    "fov_center",
-    "framewise_displacement",
     "get_registration",
-    "motion_parameters",
-    "rigid_matrix",
-    "rigid_params",
 ]
 
 
@@ -114,220 +90,6 @@ class Registration(Protocol):
 
 # --------------------------------------------------------------------------------------
 # Rigid parameters <-> matrices
-
-
-def _axis_rotations(angles: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rx, ry, rz = (float(a) for a in angles)
-    cx, sx, cy, sy, cz, sz = (
-        math.cos(rx),
-        math.sin(rx),
-        math.cos(ry),
-        math.sin(ry),
-        math.cos(rz),
-        math.sin(rz),
-    )
-    rot_x = np.array([[1.0, 0.0, 0.0], [0.0, cx, -sx], [0.0, sx, cx]])
-    rot_y = np.array([[cy, 0.0, sy], [0.0, 1.0, 0.0], [-sy, 0.0, cy]])
-    rot_z = np.array([[cz, -sz, 0.0], [sz, cz, 0.0], [0.0, 0.0, 1.0]])
-    return rot_x, rot_y, rot_z
-
-
-def _rotation(angles: ArrayLike) -> np.ndarray:
-    rot_x, rot_y, rot_z = _axis_rotations(angles)
-    return rot_z @ rot_y @ rot_x
-
-
-def _rotation_and_derivatives(angles: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """``R = Rz @ Ry @ Rx`` and ``dR/d(rx, ry, rz)`` stacked as shape (3, 3, 3)."""
-    rot_x, rot_y, rot_z = _axis_rotations(angles)
-    # d/dθ of a rotation about axis k is G_k @ R_k with G_k the generator (cross matrix).
-    gen_x = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
-    gen_y = np.array([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
-    gen_z = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
-    rot = rot_z @ rot_y @ rot_x
-    d_rot = np.stack(
-        [
-            rot_z @ rot_y @ gen_x @ rot_x,
-            rot_z @ gen_y @ rot_y @ rot_x,
-            gen_z @ rot,
-        ]
-    )
-    return rot, d_rot
-
-
-def _center(center: ArrayLike | None) -> np.ndarray:
-    if center is None:
-        return np.zeros(3)
-    c = np.asarray(center, dtype=np.float64).reshape(-1)
-    if c.shape != (3,):
-        raise InputError(f"a rotation centre needs 3 coordinates, got shape {c.shape}")
-    return c
-
-
-def rigid_matrix(params: ArrayLike, center: ArrayLike | None = None) -> np.ndarray:
-    """Build a rigid 4x4 matrix from six parameters.
-
-    Parameters
-    ----------
-    params : array-like, shape (6,)
-        ``(tx, ty, tz, rx, ry, rz)``: translations in mm, rotation angles in radians.
-    center : array-like, shape (3,), optional
-        Rotation centre in world (RAS mm) coordinates; the world origin by default.
-
-    Returns
-    -------
-    ndarray, shape (4, 4), float64
-        ``A`` with ``A @ x = R @ (x - c) + c + t`` and ``R = Rz(rz) @ Ry(ry) @ Rx(rx)``.
-
-    Examples
-    --------
-    >>> A = rigid_matrix([1.0, 0.0, 0.0, 0.0, 0.0, np.pi / 2], center=[10.0, 0.0, 0.0])
-    >>> np.round(A @ [10.0, 0.0, 0.0, 1.0], 6).tolist()  # the centre only translates
-    [11.0, 0.0, 0.0, 1.0]
-    >>> np.round(A @ [11.0, 0.0, 0.0, 1.0], 6).tolist()
-    [11.0, 1.0, 0.0, 1.0]
-    """
-    p = np.asarray(params, dtype=np.float64).reshape(-1)
-    if p.shape != (6,):
-        raise InputError(f"rigid parameters must be 6 numbers, got shape {p.shape}")
-    c = _center(center)
-    rot = _rotation(p[3:])
-    out = np.eye(4)
-    out[:3, :3] = rot
-    out[:3, 3] = p[:3] + c - rot @ c
-    return out
-
-
-def _nearest_rotation(matrix: np.ndarray) -> np.ndarray:
-    u, _, vt = np.linalg.svd(matrix)
-    d = np.sign(np.linalg.det(u @ vt)) or 1.0
-    return u @ np.diag([1.0, 1.0, d]) @ vt
-
-
-def rigid_params(A: ArrayLike, center: ArrayLike | None = None) -> np.ndarray:
-    """Decompose a 4x4 matrix into six rigid parameters (inverse of :func:`rigid_matrix`).
-
-    Parameters
-    ----------
-    A : array-like, shape (4, 4)
-        Motion matrix. A non-rigid linear part is replaced by its nearest rotation
-        (polar decomposition); translations stay exact: ``t = A(c) - c``.
-    center : array-like, shape (3,), optional
-        Rotation centre in world coordinates; the world origin by default.
-
-    Returns
-    -------
-    ndarray, shape (6,)
-        ``(tx, ty, tz, rx, ry, rz)`` in mm and radians, with ``ry`` in
-        ``[-pi/2, pi/2]`` (the Euler decomposition is unique away from ``|ry| = pi/2``).
-    """
-    m = np.asarray(A, dtype=np.float64)
-    if m.shape != (4, 4):
-        raise InputError(f"a motion matrix must be 4x4, got shape {m.shape}")
-    c = _center(center)
-    rot = m[:3, :3]
-    if not np.allclose(rot.T @ rot, np.eye(3), atol=1e-6):
-        rot = _nearest_rotation(rot)
-    ry = math.asin(float(np.clip(-rot[2, 0], -1.0, 1.0)))
-    if abs(rot[2, 0]) < 1.0 - 1e-12:
-        rx = math.atan2(rot[2, 1], rot[2, 2])
-        rz = math.atan2(rot[1, 0], rot[0, 0])
-    else:  # gimbal lock: only rx - rz (or rx + rz) is defined; put it all in rx
-        rz = 0.0
-        rx = math.atan2(-rot[1, 2], rot[1, 1])
-    t = m[:3, :3] @ c + m[:3, 3] - c
-    return np.array([t[0], t[1], t[2], rx, ry, rz])
-
-
-def fov_center(affine: ArrayLike, shape: Sequence[int]) -> np.ndarray:
-    """World (RAS mm) coordinates of the centre of a voxel grid.
-
-    Parameters
-    ----------
-    affine : array-like, shape (4, 4)
-        Voxel-to-world affine.
-    shape : sequence of int
-        Grid shape; only the first three entries are used.
-
-    Returns
-    -------
-    ndarray, shape (3,)
-        ``affine @ ((shape - 1) / 2)``, the centre of the field of view.
-    """
-    aff = np.asarray(affine, dtype=np.float64)
-    ijk = (np.asarray(shape[:3], dtype=np.float64) - 1.0) / 2.0
-    return aff[:3, :3] @ ijk + aff[:3, 3]
-
-
-def motion_parameters(
-    A: ArrayLike, affine: ArrayLike, shape: Sequence[int] | None = None
-) -> np.ndarray:
-    """Report a motion matrix as translations (mm) and rotations (degrees).
-
-    Parameters
-    ----------
-    A : array-like, shape (4, 4)
-        Motion matrix (reference RAS -> moving RAS).
-    affine : array-like, shape (4, 4)
-        Voxel-to-world affine of the reference grid.
-    shape : sequence of int, optional
-        Shape of the reference grid. When given, rotations are about the centre of
-        the field of view (:func:`fov_center`) and the translations are the
-        displacement of that centre, which is what a reader expects for head motion.
-        Without it, the centre cannot be located and the world origin (scanner
-        isocentre) is used instead.
-
-    Returns
-    -------
-    ndarray, shape (6,)
-        ``(tx, ty, tz, rx, ry, rz)``: mm, then degrees, in the parameter convention
-        of :func:`rigid_matrix` (``R = Rz @ Ry @ Rx``).
-    """
-    center = None if shape is None else fov_center(affine, shape)
-    p = rigid_params(A, center=center)
-    p[3:] = np.degrees(p[3:])
-    return p
-
-
-def framewise_displacement(
-    affines: ArrayLike, radius: float = 50.0, center: ArrayLike | None = None
-) -> np.ndarray:
-    """Framewise displacement (Power et al., 2012) of a series of motion matrices.
-
-    ``FD[i] = sum(|Δt|) + radius * sum(|Δr|)`` between consecutive volumes, with
-    translations in mm and rotations in radians from :func:`rigid_params`;
-    ``FD[0] = 0``.
-
-    Parameters
-    ----------
-    affines : array-like, shape (N, 4, 4)
-        One motion matrix per volume.
-    radius : float
-        Radius (mm) of the sphere that turns rotations into displacements.
-    center : array-like, shape (3,), optional
-        Rotation centre in world coordinates (e.g. :func:`fov_center`); the world
-        origin by default, as with realignment parameters of SPM/FSL-style tools.
-
-    Returns
-    -------
-    ndarray, shape (N,)
-        Framewise displacement in mm.
-
-    Examples
-    --------
-    >>> A = np.stack([np.eye(4), rigid_matrix([1, 0, 0, 0, 0, 0.01])])
-    >>> framewise_displacement(A).round(6).tolist()
-    [0.0, 1.5]
-    """
-    mats = np.asarray(affines, dtype=np.float64)
-    if mats.ndim != 3 or mats.shape[1:] != (4, 4):
-        raise InputError(f"expected an (N, 4, 4) stack of matrices, got shape {mats.shape}")
-    if len(mats) == 0:
-        return np.zeros(0)
-    params = np.stack([rigid_params(m, center=center) for m in mats])
-    diffs = np.abs(np.diff(params, axis=0))
-    fd = diffs[:, :3].sum(axis=1) + radius * diffs[:, 3:].sum(axis=1)
-    return np.concatenate([[0.0], fd])
 
 
 # --------------------------------------------------------------------------------------
@@ -665,7 +427,7 @@ class _NCCCost(_Sampler):
 
     def __call__(self, z: np.ndarray) -> tuple[float, np.ndarray]:
         params = np.asarray(z, dtype=np.float64) * self.scale
-        rot, d_rot = _rotation_and_derivatives(params[3:])
+        rot, d_rot = rotation_and_derivatives(params[3:])
         m, voxel_gradient = self.evaluate(params, rot)
         mc = m - self.w @ m
         wmc = self.w * mc
@@ -733,7 +495,7 @@ class _MattesCost(_Sampler):
 
     def __call__(self, z: np.ndarray) -> tuple[float, np.ndarray]:
         params = np.asarray(z, dtype=np.float64) * self.scale
-        rot, d_rot = _rotation_and_derivatives(params[3:])
+        rot, d_rot = rotation_and_derivatives(params[3:])
         m, voxel_gradient = self.evaluate(params, rot)
         pos, first = self._windows(m)
         rows = self.fbin * self.mbins

@@ -19,8 +19,9 @@ from nidask.dataset import BaseDataset, take_volumes
 from nidask.dmri import DWI, normalize_gradients, split_b0
 from nidask.errors import InputError
 from nidask.io.cache import Cache, atomic_output
+from nidask.io.files import reserve
 from nidask.io.sources import HDF5Source, check_readable
-from nidask.io.store import HDF5Target, reserve, store, write_blocks
+from nidask.io.store import HDF5Target, store, write_blocks
 from nidask.pet import PET
 from nidask.progress import compute
 

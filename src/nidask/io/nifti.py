@@ -22,7 +22,8 @@ import nibabel as nb
 import numpy as np
 
 from nidask.io.cache import atomic_output, final_name
-from nidask.io.store import _check_whole_volumes, presize, store, store_volumes, write_blocks
+from nidask.io.files import presize
+from nidask.io.store import _check_whole_volumes, store, store_volumes, write_blocks
 
 HEADER_BYTES = 352
 COMPRESS_STEP = 8 * 2**20

@@ -31,6 +31,8 @@ from nibabel.spatialimages import HeaderDataError, HeaderTypeError, ImageDataErr
 
 from nidask.config import volume_chunks, volumes_per_chunk
 from nidask.errors import InputError
+from nidask.geometry import check_affine
+from nidask.io.npy import read_npy_header
 
 COPY_BLOCK = 16 * 2**20
 #: Most volumes a series may declare (a header claiming more is damaged or hostile).
@@ -300,18 +302,6 @@ def _load_nifti(path: str):
     return img
 
 
-def check_affine(affine, path: str | None = None, what: str = "affine") -> np.ndarray:
-    """Return ``affine`` as a float64 4x4 array; raise if it is malformed."""
-    affine = np.asarray(affine, dtype=float)
-    if affine.shape != (4, 4):
-        raise InputError(f"{what} must be 4x4, got shape {affine.shape}", path)
-    if not np.all(np.isfinite(affine)):
-        raise InputError(f"{what} has non-finite values", path)
-    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise InputError(f"{what} is singular", path)
-    return affine
-
-
 def nifti_scaling(img) -> tuple[float, float] | None:
     """(slope, inter) applied by the proxy, or ``None`` for unscaled data.
 
@@ -492,23 +482,6 @@ class HDF5Source(VolumeSource):
             if dset.ndim == 3:
                 return dset[index[:3]][..., np.newaxis][..., index[3]]
             return dset[index]
-
-
-def read_npy_header(path: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
-    """(shape, fortran_order, dtype, data offset) of a ``.npy`` file, header only."""
-    try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            reader = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            shape, fortran, dtype = reader(f)
-            offset = f.tell()
-    except (ValueError, OSError, SyntaxError) as exc:
-        raise InputError(f"not a valid .npy file ({exc})", path) from exc
-    return shape, fortran, dtype, offset
 
 
 class NpySource(VolumeSource):

@@ -22,19 +22,13 @@ import numpy as np
 
 from nidask.config import chunk_bytes
 from nidask.errors import InputError
+from nidask.io.files import pwrite_all
+from nidask.io.npy import NpyFile
 from nidask.io.sources import COPY_BLOCK, rechunk_volumes, source_of, volume_runs
 from nidask.progress import compute
 
 #: copy_file_range cannot serve these file pairs; fall back to pread/pwrite
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
-
-
-def pwrite_all(fd: int, buffer, offset: int) -> None:
-    view = memoryview(buffer).cast("B")
-    while view.nbytes:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
 
 
 def _check_whole_volumes(key: tuple, shape3d: tuple[int, ...]) -> slice:
@@ -130,28 +124,6 @@ def write_blocks(array: da.Array) -> da.Array:
     return rechunk_volumes(array, max(1, chunk_bytes() // 4 // max(volume_bytes, 1)))
 
 
-def presize(path: str, nbytes: int) -> None:
-    """Extend ``path`` to ``nbytes`` (sparse), failing early when the disk is full."""
-    with open(path, "r+b") as f:
-        f.truncate(nbytes)
-        try:
-            os.posix_fallocate(f.fileno(), 0, nbytes)
-        except OSError as exc:
-            if exc.errno not in (95, 22):  # EOPNOTSUPP / EINVAL: filesystem can't
-                raise
-
-
-def reserve(path: str, nbytes: int) -> None:
-    """Create ``path`` with ``nbytes`` allocated: fail now if they will not fit on disk.
-
-    For writers (HDF5) that cannot recover from a full disk part-way through.
-    The space is only checked, not kept: the writer may truncate the file.
-    """
-    with open(path, "wb"):
-        pass
-    presize(path, nbytes)
-
-
 def store(array: da.Array, target, *, label: str = "writing", progress=None, along=()) -> tuple:
     """Compute ``array`` block by block into ``target`` on the current scheduler.
 
@@ -235,18 +207,6 @@ def store_volumes(
     return store(array, target, label=label, progress=progress, along=along)
 
 
-def create_npy(path: str, shape, dtype, *, fortran_order: bool) -> int:
-    """Create a pre-sized ``.npy`` file (header only, data unwritten); return the data offset."""
-    dtype = np.dtype(dtype)
-    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": fortran_order}
-    header["shape"] = tuple(int(s) for s in shape)
-    with open(path, "wb") as f:
-        np.lib.format.write_array_header_2_0(f, header)
-        offset = f.tell()
-    presize(path, offset + math.prod(shape) * dtype.itemsize)
-    return offset
-
-
 def write_npy(array: da.Array, path: str, *, dtype=None, progress=None, along=()) -> tuple:
     """Write ``array`` (X, Y, Z, N) as a Fortran-ordered ``.npy`` file at ``path``.
 
@@ -255,13 +215,8 @@ def write_npy(array: da.Array, path: str, *, dtype=None, progress=None, along=()
     the same pass; their results are returned.
     """
     dtype = np.dtype(dtype or array.dtype)
-    offset = create_npy(path, array.shape, dtype, fortran_order=True)
+    offset = NpyFile.create(path, array.shape, dtype, fortran_order=True).offset
     return store_volumes(array, path, offset, dtype, progress=progress, along=along)
-
-
-def open_memmap(path: str, mode: str = "r") -> np.memmap:
-    """Open a ``.npy`` file as an ``np.memmap`` (a true ndarray)."""
-    return np.load(path, mmap_mode=mode)
 
 
 __all__ = [
@@ -269,11 +224,6 @@ __all__ = [
     "VolumeFileTarget",
     "copy_range",
     "copy_volumes",
-    "create_npy",
-    "open_memmap",
-    "presize",
-    "pwrite_all",
-    "reserve",
     "store",
     "store_volumes",
     "write_blocks",

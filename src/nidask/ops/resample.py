@@ -45,12 +45,12 @@ from scipy import ndimage as ndi
 
 from nidask.config import chunk_bytes
 from nidask.errors import InputError
+from nidask.geometry import check_matrix, check_matrix_stack
 from nidask.io.sources import rechunk_volumes
 from nidask.ops import kernels
 
 __all__ = [
     "MODES",
-    "check_matrix",
     "check_order",
     "resample_series",
     "resample_volume",
@@ -71,70 +71,15 @@ MODES = (
 )
 """Boundary modes accepted by :func:`scipy.ndimage.affine_transform`."""
 
-_MAX_COND = 1e10
 """Largest accepted ratio between the largest and smallest singular values."""
 
 _SNAP_ATOL = 1e-9
 """Voxel matrices within this of an integer matrix are taken as that matrix."""
 
-_LAST_ROW = np.array([0.0, 0.0, 0.0, 1.0])
 
 # dtypes scipy.ndimage interpolates natively (integers are read as float64 inside
 # scipy, so they need no conversion); anything else is converted to float32.
 _NATIVE_KINDS = "iuf"
-
-
-def check_matrix(matrix, *, name: str = "matrix") -> np.ndarray:
-    """Validate a homogeneous 4x4 affine matrix.
-
-    Parameters
-    ----------
-    matrix : array-like
-        The candidate matrix.
-    name : str, optional
-        How to call the matrix in error messages.
-
-    Returns
-    -------
-    numpy.ndarray
-        A float64 (4, 4) copy.  A last row within 1e-8 of ``[0, 0, 0, 1]`` is set to
-        exactly ``[0, 0, 0, 1]``.
-
-    Raises
-    ------
-    InputError
-        If the matrix is not numeric, not 4x4, has non-finite entries, its last row is
-        not ``[0, 0, 0, 1]``, or it is not invertible (the singular values of its 3x3
-        linear part span more than 10 orders of magnitude, or are all zero).
-
-    Examples
-    --------
-    >>> check_matrix(np.eye(4)).dtype
-    dtype('float64')
-    >>> check_matrix(np.zeros((4, 4)))
-    Traceback (most recent call last):
-    ...
-    nidask.errors.InputError: matrix must be [0, 0, 0, 1] in its last row, got [0. 0. 0. 0.]
-    """
-    try:
-        out = np.array(matrix, dtype=np.float64, copy=True)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{name} must be a numeric 4x4 matrix ({exc})") from None
-    if out.shape != (4, 4):
-        raise InputError(f"{name} must be a 4x4 matrix, got shape {out.shape}")
-    if not np.all(np.isfinite(out)):
-        raise InputError(f"{name} has non-finite (NaN or infinite) entries")
-    if not np.allclose(out[3], _LAST_ROW, rtol=0.0, atol=1e-8):
-        raise InputError(f"{name} must be [0, 0, 0, 1] in its last row, got {out[3]}")
-    out[3] = _LAST_ROW
-    # With that last row, the 4x4 matrix is invertible iff its 3x3 linear part is.
-    # A condition number (scale-free, unlike the determinant) decides "numerically".
-    sv = np.linalg.svd(out[:3, :3], compute_uv=False)
-    if not sv[0] > 0.0 or sv[-1] <= sv[0] / _MAX_COND:
-        raise InputError(
-            f"{name} is singular or nearly so (singular values of its 3x3 part: {sv})"
-        )
-    return out
 
 
 def check_order(order) -> int:
@@ -180,18 +125,6 @@ def _check_mode(mode) -> str:
     return mode
 
 
-def _check_stack(motion_affines, name: str = "motion_affines") -> np.ndarray:
-    try:
-        stack = np.array(motion_affines, dtype=np.float64, copy=True)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{name} must be a numeric (N, 4, 4) array ({exc})") from None
-    if stack.ndim != 3 or stack.shape[1:] != (4, 4):
-        raise InputError(f"{name} must have shape (N, 4, 4), got {stack.shape}")
-    for i, mat in enumerate(stack):
-        stack[i] = check_matrix(mat, name=f"{name}[{i}]")
-    return stack
-
-
 def voxel_matrices(affine, motion_affines) -> np.ndarray:
     """Turn per-volume motion matrices (RAS+ to RAS+) into voxel-to-voxel matrices.
 
@@ -233,7 +166,7 @@ def voxel_matrices(affine, motion_affines) -> np.ndarray:
     Any other matrix is returned as computed.
     """
     aff = check_matrix(affine, name="affine")
-    stack = _check_stack(motion_affines)
+    stack = check_matrix_stack(motion_affines)
     voxmats = np.linalg.inv(aff) @ stack @ aff
     # Snap matrices that are integer up to rounding noise (identity, whole-voxel
     # shifts): with mode="constant", scipy returns cval for any sample outside
@@ -495,7 +428,7 @@ def rotate_bvecs(bvecs, affine, motion_affines) -> np.ndarray:
     if not np.all(np.isfinite(b)):
         raise InputError("bvecs has non-finite (NaN or infinite) entries")
     aff = check_matrix(affine, name="affine")
-    stack = _check_stack(motion_affines)
+    stack = check_matrix_stack(motion_affines)
     if stack.shape[0] != b.shape[0]:
         raise InputError(f"got {stack.shape[0]} motion matrices for {b.shape[0]} b-vectors")
     # Same order of operations as nifreeze: inv(imaffine) @ inv(xfm) @ imaffine.
