@@ -570,11 +570,11 @@ def cmd_estimate(args) -> int:
 # -- demo ---------------------------------------------------------------------------------
 DEMO_SIZES = {
     "small": {
-        "shape3d": (32, 36, 28),
-        "zooms": 4.0,
+        "shape3d": (36, 42, 32),
+        "zooms": 3.5,
         "bvalues": (1000.0, 2000.0),
-        "per_shell": 16,
-        "n_b0": 4,
+        "per_shell": 24,
+        "n_b0": 6,
         "n_frames": 12,
     },
     "medium": {
@@ -903,8 +903,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=tuple(DEMO_SIZES),
         default="medium",
         help="phantom size: medium (default: 48x56x44 voxels of 3 mm, 9 b=0 + 3 shells of 30 "
-        "directions, 20 PET frames) or small (32x36x28 voxels of 4 mm, 4 b=0 + 2 shells of "
-        "16 directions, 12 frames)",
+        "directions, 20 PET frames) or small (36x42x32 voxels of 3.5 mm, 6 b=0 + 2 shells "
+        "of 24 directions, 12 frames)",
     )
     demo.add_argument(
         "--passes", type=_positive_int, help="most estimation passes (default: the estimator's)"
