@@ -1,14 +1,16 @@
 """nidask: lazy, out-of-core, cluster-ready 4D neuroimaging series.
 
 Open a series with :func:`load` (NFDH5, NIfTI, ``.npy``) or a modality reader
-(:func:`nidask.dmri.from_nii`, :func:`nidask.pet.from_nii`); its ``dataobj`` is a
+(:func:`nidask.dmri.from_nii`, :func:`nidask.pet.from_nii`,
+:func:`nidask.bold.from_nii`); its ``dataobj`` is a
 dask array and every operation stays a deferred graph until a sink or an
 estimator asks for data.
 """
 
 from __future__ import annotations
 
-from nidask import config, dmri, pet
+from nidask import bold, config, dmri, pet
+from nidask.bold import BOLD
 from nidask.dataset import BaseDataset
 from nidask.dmri import DWI
 from nidask.errors import InputError, NidaskError, OutputError
@@ -20,6 +22,7 @@ from nidask.pet import PET
 __version__ = "0.1.0"
 
 __all__ = [
+    "BOLD",
     "BaseDataset",
     "Cache",
     "DWI",
@@ -28,6 +31,7 @@ __all__ = [
     "NidaskError",
     "OutputError",
     "PET",
+    "bold",
     "config",
     "dmri",
     "load",

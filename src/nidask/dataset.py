@@ -13,6 +13,7 @@ training sets stay deferred graphs until a sink (:meth:`BaseDataset.materialize`
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -25,8 +26,9 @@ from dask.base import tokenize
 from nidask.errors import InputError
 from nidask.geometry import check_affine
 from nidask.io.cache import Cache, atomic_output
+from nidask.io.nfdh5 import read_nfdh5, write_nfdh5
 from nidask.io.npy import open_memmap
-from nidask.io.sources import NpySource, VolumeSelection, source_of, volume_runs
+from nidask.io.sources import NpySource, VolumeSelection, open_source, source_of, volume_runs
 from nidask.io.store import write_npy
 
 
@@ -173,8 +175,23 @@ class BaseDataset:
     volume_fields: ClassVar[tuple[str, ...]] = ("motion_affines", "original_index")
     #: Fields that are bookkeeping, not part of the data (not stored, not compared).
     internal_fields: ClassVar[tuple[str, ...]] = ("cache", "inputs", "memmap_path", "datahdr")
-    #: ``Type`` attribute in NFDH5 files.
+    #: ``Type`` attribute of ``/0`` in NFDH5 files; a subclass that sets it is
+    #: registered in :data:`MODALITIES` (files of that type open as that class).
     nfdh5_type: ClassVar[str] = "base dataset"
+    #: NFDH5 ``Format`` attribute and optional file-level ``Type`` (nifreeze's marks).
+    nfdh5_format: ClassVar[str] = "NFDH5"
+    nfdh5_file_type: ClassVar[str | None] = None
+    #: Fields stored under a leading underscore (nifreeze skips them).
+    private_fields: ClassVar[tuple[str, ...]] = ("original_index",)
+    #: Companion-file keywords of :func:`nidask.load` that mark this modality.
+    load_keys: ClassVar[tuple[str, ...]] = ()
+    #: Files written beside an exported NIfTI (see :meth:`export_plan`).
+    export_sidecars: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "nfdh5_type" in cls.__dict__:
+            MODALITIES[cls.nfdh5_type] = cls
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.dataobj, da.Array):
@@ -320,9 +337,16 @@ class BaseDataset:
         """Per-volume metadata that models receive (e.g. ``gradients``, ``midframe``)."""
         return {}
 
+    def voxel_meta(self) -> dict:
+        """Images (X, Y, Z) that models receive per voxel (e.g. a DWI's ``bzero``)."""
+        return {}
+
     def default_model(self) -> str:
         """The estimator's model for this kind of series (see :mod:`nidask.estimation.models`)."""
         return "average"
+
+    def check_estimable(self, models) -> None:
+        """Refuse (:class:`~nidask.errors.InputError`) a series these models cannot estimate."""
 
     def whole_series(self) -> BaseDataset:
         """Every volume of the file this dataset knows, in file order.
@@ -335,6 +359,58 @@ class BaseDataset:
     def with_whole_motion(self, matrices) -> BaseDataset:
         """This dataset with motion matrices given for every volume of :meth:`whole_series`."""
         return attrs.evolve(self, motion_affines=np.asarray(matrices, dtype=float))
+
+    @classmethod
+    def from_files(cls, path, **companions) -> BaseDataset:
+        """Open a series with its companion files (keywords of :attr:`load_keys`)."""
+        raise NotImplementedError(f"{cls.__name__} does not open files")
+
+    def facts(self, volumes_in_file: int | None = None) -> dict:
+        """Modality facts for ``nidask info`` (JSON-friendly; reads no data)."""
+        return {}
+
+    # -- storage and export hooks ---------------------------------------------------------
+    def stored_fields(self) -> dict:
+        """NFDH5 name -> value of every field stored beside ``dataobj``."""
+        fields = {}
+        for name in self._public_fields():
+            value = getattr(self, name)
+            if name != "dataobj" and value is not None:
+                fields[f"_{name}" if name in self.private_fields else name] = value
+        return fields
+
+    @classmethod
+    def stored_names(cls) -> set[str]:
+        """The NFDH5 names :meth:`from_stored` understands."""
+        names = {f.name for f in attrs.fields(cls)} - set(cls.internal_fields) - {"dataobj"}
+        return {f"_{n}" if n in cls.private_fields else n for n in names} | names
+
+    @classmethod
+    def from_stored(cls, data: da.Array, fields: dict, *, path: str, cache: Cache):
+        """The dataset an NFDH5 file holds (``fields`` keyed by field name)."""
+        fields.setdefault("affine", np.eye(4))
+        return cls(dataobj=data, cache=cache, inputs=(path,), **fields)
+
+    def export_plan(
+        self, *, order: int = 3, mode: str = "constant", cval: float = 0.0, b0_volumes=True
+    ):
+        """What a NIfTI export writes: ``(series, data, sidecars)``.
+
+        ``series`` is the dataset exported (its motion goes to the X5 file): the
+        :meth:`whole_series` (``b0_volumes=True``, the name a DWI gives the volumes
+        it sets aside) or this dataset's own volumes.  ``data`` holds its volumes
+        (resampled when moved) and ``sidecars`` maps each suffix of
+        :attr:`export_sidecars` to a function writing that file.  Modalities add
+        their own keyword options.
+        """
+        series = self.whole_series() if b0_volumes else self
+        return series, series._exported(order, mode, cval).dataobj, {}
+
+    def _exported(self, order: int = 3, mode: str = "constant", cval: float = 0.0):
+        """This dataset resampled by its motion, or as it is without motion."""
+        if self.motion_affines is None:
+            return self
+        return self.resampled(order=order, mode=mode, cval=cval)
 
     # -- sinks --------------------------------------------------------------------------
     def _with_data_file(self, path: str) -> BaseDataset:
@@ -377,16 +453,22 @@ class BaseDataset:
 
     def to_filename(self, filename, *, compression: str | None = None, progress=None) -> None:
         """Write an NFDH5 file (streamed, atomic); see :mod:`nidask.io.nfdh5`."""
-        from nidask.io.nfdh5 import write_nfdh5
-
-        write_nfdh5(self, filename, compression=compression, progress=progress)
+        write_nfdh5(
+            filename,
+            self.dataobj,
+            self.stored_fields(),
+            kind=self.nfdh5_type,
+            file_format=self.nfdh5_format,
+            file_type=self.nfdh5_file_type,
+            inputs=self.inputs,
+            compression=compression,
+            progress=progress,
+        )
 
     @classmethod
     def from_filename(cls, filename, **kwargs):
         """Open an NFDH5 file lazily; fails if it holds another dataset type."""
-        from nidask.io.nfdh5 import read_nfdh5
-
-        dataset = read_nfdh5(filename, **kwargs)
+        dataset = open_nfdh5(filename, **kwargs)
         if not isinstance(dataset, cls):
             raise InputError(
                 f"file holds a {type(dataset).__name__}, not a {cls.__name__}", filename
@@ -480,6 +562,44 @@ class BaseDataset:
         if self.memmap_path:
             parts.append(f"memmap={self.memmap_path!r}")
         return f"{type(self).__name__}({', '.join(parts)})"
+
+
+#: NFDH5 ``Type`` -> dataset class (modalities register by declaring ``nfdh5_type``).
+MODALITIES: dict[str, type[BaseDataset]] = {BaseDataset.nfdh5_type: BaseDataset}
+
+
+def _stored_names(kind: str) -> set[str]:
+    if kind not in MODALITIES:
+        raise InputError(f"unknown dataset Type {kind!r}")
+    return MODALITIES[kind].stored_names()
+
+
+def open_nfdh5(filename, *, cache: Cache | None = None) -> BaseDataset:
+    """Open an NFDH5 file lazily, as the dataset class its ``Type`` names.
+
+    Only metadata are read; ``dataobj`` stays on disk behind a dask array.
+    """
+    stored = read_nfdh5(filename, _stored_names)
+    cls = MODALITIES[stored.kind]
+    fields = {k[1:] if k.startswith("_") else k: v for k, v in stored.fields.items()}
+    try:
+        return cls.from_stored(stored.data, fields, path=stored.path, cache=cache or Cache())
+    except InputError as exc:
+        if exc.path is None:
+            raise InputError(exc.problem, stored.path) from exc
+        raise
+
+
+def load_mask(path, shape3d: tuple[int, ...], what: str = "brain mask") -> np.ndarray:
+    """Read a 3D mask file (NIfTI, .npy) as bool; its shape must be ``shape3d``."""
+    # the cache (where a .nii.gz mask is decompressed) must outlive the read
+    with contextlib.closing(Cache()) as cache:
+        source = open_source(path, cache=cache)
+        if source.shape[:3] != tuple(shape3d) or source.shape[3] != 1:
+            raise InputError(
+                f"{what} shape {source.shape[:3]} differs from the series {shape3d}", path
+            )
+        return source[:, :, :, 0:1][..., 0] != 0
 
 
 def _array_or_none(value):

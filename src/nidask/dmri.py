@@ -9,7 +9,6 @@ by the norm, and near-zero directions mark b=0 volumes.  The b=0 volumes leave
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import attrs
@@ -18,12 +17,14 @@ import dask.array as da
 import numpy as np
 
 from nidask.config import b0_threshold
-from nidask.dataset import BaseDataset, interleave_volumes, take_volumes
+from nidask.dataset import BaseDataset, interleave_volumes, load_mask, take_volumes
 from nidask.errors import InputError
 from nidask.io.cache import Cache
 from nidask.io.sources import check_readable, open_source
 
 B0_THRESHOLD = 50.0  # the default of ``nidask.b0-threshold``
+#: Diffusion-weighted volumes motion estimation needs (checked when estimating, not
+#: when loading: see :func:`check_diffusion_volumes`).
 MIN_DIFFUSION_VOLUMES = 6
 #: Directions per shell from which the Gaussian-process model is the default.
 GP_MIN_DIRECTIONS = 10
@@ -32,6 +33,10 @@ GRADIENT_ATOL = 1e-2
 
 def normalize_gradients(table, path: str | None = None) -> np.ndarray:
     """Return an (N, 4) float table with unit directions and rescaled b-values.
+
+    Non-finite directions on b=0 rows (b-value at most ``nidask.b0-threshold``)
+    become zero vectors, as dipy and FSL read them; on a diffusion-weighted row, or
+    in a b-value, they are an error naming the volume.
 
     Parameters
     ----------
@@ -44,14 +49,30 @@ def normalize_gradients(table, path: str | None = None) -> np.ndarray:
     --------
     >>> normalize_gradients([[2.0, 0, 0, 1000], [0, 0, 0, 0]]).tolist()
     [[1.0, 0.0, 0.0, 2000.0], [0.0, 0.0, 0.0, 0.0]]
+    >>> normalize_gradients([[np.nan, np.nan, np.nan, 0], [0, 1, 0, 1000]]).tolist()
+    [[0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 1000.0]]
     """
     table = np.array(table, dtype=float)
     if table.ndim != 2 or 4 not in table.shape:
         raise InputError(f"gradient table must be (N, 4) or (4, N), got {table.shape}", path)
     if table.shape[1] != 4:
         table = table.T
-    if not np.all(np.isfinite(table)):
-        raise InputError("gradient table has NaN or infinite values", path)
+    bad_b = np.flatnonzero(~np.isfinite(table[:, 3]))
+    if bad_b.size:
+        raise InputError(f"NaN or infinite b-value {_which(bad_b)}", path)
+    negative = np.flatnonzero(table[:, 3] < 0)
+    if negative.size:
+        raise InputError(f"negative b-value {_which(negative)}", path)
+    bad_direction = ~np.all(np.isfinite(table[:, :3]), axis=1)
+    weighted = table[:, 3] > b0_threshold()
+    bad = np.flatnonzero(bad_direction & weighted)
+    if bad.size:
+        raise InputError(
+            f"NaN or infinite gradient direction {_which(bad)} (b={table[bad[0], 3]:g}); "
+            "only b=0 volumes may have one",
+            path,
+        )
+    table[bad_direction, :3] = 0.0
     norms = np.linalg.norm(table[:, :3], axis=1)
     null = norms < GRADIENT_ATOL
     table[null] = 0.0
@@ -62,43 +83,124 @@ def normalize_gradients(table, path: str | None = None) -> np.ndarray:
     # table survives select/lofo/NFDH5 round trips bit for bit)
     almost = ~null & ~rescale & (np.abs(norms - 1.0) > 1e-12)
     table[almost, :3] /= norms[almost, None]
-    if np.any(table[:, 3] < 0):
-        raise InputError("gradient table has negative b-values", path)
     return table
 
 
+def _which(index: np.ndarray) -> str:
+    """Name the first of some volumes (0-based) for an error message.
+
+    >>> _which(np.array([3, 7, 9]))
+    'in volume 3 (counting from 0) and 2 more'
+    """
+    more = f" and {index.size - 1} more" if index.size > 1 else ""
+    return f"in volume {int(index[0])} (counting from 0){more}"
+
+
 def _loadtxt(path, what: str) -> np.ndarray:
+    import warnings
+
     path = check_readable(path)
     try:
-        return np.loadtxt(path, dtype=float, ndmin=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data"
+            values = np.loadtxt(path, dtype=float, ndmin=2)
     except ValueError as exc:
         raise InputError(f"cannot parse {what} file ({exc})", path) from exc
+    if values.size == 0:
+        raise InputError(f"{what} file has no values", path)
+    return values
+
+
+def _orient_bvecs(bvecs: np.ndarray, bvals: np.ndarray, path, bval_path=None) -> np.ndarray:
+    """Return FSL b-vectors given 3xN or Nx3 as (N, 3) rows matching ``bvals``.
+
+    A 3x3 file (three volumes) is read as FSL's 3xN unless only its rows, and not
+    its columns, are unit vectors on the diffusion-weighted volumes.
+
+    >>> _orient_bvecs(np.array([[1.0, 0, 0], [0, 0.6, 0], [0, 0.8, 1]]), np.full(3, 1e3), "x")[1]
+    array([0. , 0.6, 0.8])
+    >>> _orient_bvecs(np.array([[1.0, 0, 0], [0, 0.6, 0.8], [0, 0, 1]]), np.full(3, 1e3), "x")[1]
+    array([0. , 0.6, 0.8])
+    """
+    n = bvals.size
+    if bvecs.shape == (3, 3) and n == 3:
+        weighted = bvals > b0_threshold()
+
+        def unit(rows):
+            norms = np.linalg.norm(rows[weighted], axis=1)
+            return bool(np.all(np.abs(norms - 1.0) < GRADIENT_ATOL))
+
+        return bvecs if unit(bvecs) and not unit(bvecs.T) else bvecs.T
+    if bvecs.shape == (3, n):
+        return bvecs.T
+    if bvecs.shape == (n, 3):
+        return bvecs
+    if 3 not in bvecs.shape:
+        raise InputError(
+            f"b-vectors must be 3xN or Nx3, got {bvecs.shape[0]}x{bvecs.shape[1]}", path
+        )
+    count = bvecs.shape[1] if bvecs.shape[0] == 3 else bvecs.shape[0]
+    where = "" if bval_path is None else f" in {os.fspath(bval_path)}"
+    raise InputError(f"{count} b-vectors but {n} b-values{where}", path)
 
 
 def read_gradients(
     bvec_file=None, bval_file=None, gradients_file=None, n_volumes: int | None = None
 ) -> np.ndarray:
-    """Read a gradient table from ``.bvec``/``.bval`` files or a 4-column RAS+B file.
+    """Read a gradient table from FSL ``.bvec``/``.bval`` files or an MRtrix-style table.
 
-    ``.bvec`` may be 3xN or Nx3; ``gradients_file`` takes precedence when given.
-    The count must match ``n_volumes`` when that is given.
+    Parameters
+    ----------
+    bvec_file, bval_file : path-like, optional
+        FSL-style b-vectors (3xN or Nx3; a 3x3 file is oriented by which of its rows
+        or columns are unit vectors, FSL's 3xN when undecided) and b-values (one row
+        or one column).
+    gradients_file : path-like, optional
+        Rows of ``x y z b`` with directions in RAS+ (scanner) coordinates, as MRtrix
+        ``.b`` tables (``#`` comment lines allowed); a (4, N) table is read too.
+        Takes precedence over ``bvec_file``/``bval_file``.
+    n_volumes : int, optional
+        The series' volume count, which the table must match.
+
+    Returns
+    -------
+    ndarray (N, 4)
+        See :func:`normalize_gradients`: NaN directions of b=0 volumes become zero
+        vectors (as dipy and FSL read them).
+
+    Raises
+    ------
+    InputError
+        Naming the file and the problem (unreadable or unparsable, wrong shape,
+        counts that disagree, NaN on a diffusion-weighted volume, negative b-values).
     """
     if gradients_file is not None:
         source = os.fspath(gradients_file)
-        table = normalize_gradients(_loadtxt(gradients_file, "gradients"), source)
+        table = _loadtxt(gradients_file, "gradients")
+        if table.ndim != 2 or table.shape[1] != 4 and table.shape[0] != 4:
+            raise InputError(
+                f"gradient table must be (N, 4) rows of x y z b, got {table.shape[1]} columns",
+                source,
+            )
+        table = normalize_gradients(table, source)
     elif bvec_file is not None and bval_file is not None:
         source = os.fspath(bvec_file)
         bvecs = _loadtxt(bvec_file, "b-vector")
-        bvals = _loadtxt(bval_file, "b-value").ravel()
-        if bvecs.shape[0] != 3 and bvecs.shape[1] == 3:
-            bvecs = bvecs.T
-        if bvecs.shape[0] != 3:
-            raise InputError(f"b-vectors must be 3xN or Nx3, got {bvecs.shape}", bvec_file)
-        if bvecs.shape[1] != bvals.size:
+        bvals = _loadtxt(bval_file, "b-value")
+        if min(bvals.shape) != 1:
             raise InputError(
-                f"{bvecs.shape[1]} b-vectors but {bvals.size} b-values in {bval_file}", bvec_file
+                f"b-values must be one row or one column, got {bvals.shape[0]}x{bvals.shape[1]}",
+                bval_file,
             )
-        table = normalize_gradients(np.vstack((bvecs, bvals)).T, source)
+        bvals = bvals.ravel()
+        bad_b = np.flatnonzero(~np.isfinite(bvals))
+        if bad_b.size:
+            raise InputError(f"NaN or infinite b-value {_which(bad_b)}", bval_file)
+        negative = np.flatnonzero(bvals < 0)
+        if negative.size:
+            raise InputError(f"negative b-value {_which(negative)}", bval_file)
+        bvecs = _orient_bvecs(bvecs, bvals, source, bval_file)
+        table = normalize_gradients(np.column_stack((bvecs, bvals)), source)
     else:
         raise InputError("no gradient information: give bvec_file + bval_file or gradients_file")
     if n_volumes is not None and len(table) != n_volumes:
@@ -109,16 +211,33 @@ def read_gradients(
     return table
 
 
-def load_mask(path, shape3d: tuple[int, ...], what: str = "brain mask") -> np.ndarray:
-    """Read a 3D mask file (NIfTI, .npy) as bool; its shape must be ``shape3d``."""
-    # the cache (where a .nii.gz mask is decompressed) must outlive the read
-    with contextlib.closing(Cache()) as cache:
-        source = open_source(path, cache=cache)
-        if source.shape[:3] != tuple(shape3d) or source.shape[3] != 1:
-            raise InputError(
-                f"{what} shape {source.shape[:3]} differs from the series {shape3d}", path
-            )
-        return source[:, :, :, 0:1][..., 0] != 0
+def check_diffusion_volumes(
+    dataset, minimum: int = MIN_DIFFUSION_VOLUMES, what: str = "motion estimation"
+) -> None:
+    """Refuse, at estimation time, a DWI with fewer diffusion-weighted volumes than needed.
+
+    Loading never refuses a short series (it can still be converted or exported).
+
+    Parameters
+    ----------
+    dataset : DWI
+        The dataset to check (its ``dataobj`` holds the diffusion-weighted volumes).
+    minimum : int
+        Volumes ``what`` needs (default :data:`MIN_DIFFUSION_VOLUMES`).
+    what : str
+        The consumer, for the message.
+
+    Raises
+    ------
+    InputError
+        Naming the dataset's file, the count and the minimum.
+    """
+    found = len(dataset)
+    if found < minimum:
+        path = (getattr(dataset, "inputs", None) or (None,))[0]
+        raise InputError(
+            f"{what} needs at least {minimum} diffusion-weighted volumes, found {found}", path
+        )
 
 
 def find_shells(bvals: np.ndarray, num_bins: int = 15, bval_cap: float = 8000.0) -> list:
@@ -170,7 +289,11 @@ class DWI(BaseDataset):
     b0_motion_affines: np.ndarray | None = attrs.field(default=None, kw_only=True)
 
     volume_fields = (*BaseDataset.volume_fields, "gradients")
+    load_keys = ("bvec_file", "bval_file", "gradients_file", "b0_file")
     nfdh5_type = "dmri"
+    nfdh5_file_type = "dmri"
+    private_fields = (*BaseDataset.private_fields, "b0s", "b0_index", "b0_motion_affines")
+    export_sidecars = (".bval", ".bvec")
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -245,8 +368,15 @@ class DWI(BaseDataset):
             fields["b0_motion_affines"] = None
         return fields
 
+    @classmethod
+    def from_files(cls, path, **companions) -> DWI:
+        return from_nii(path, **companions)
+
     def volume_meta(self) -> dict:
         return {"gradients": self.gradients}
+
+    def voxel_meta(self) -> dict:
+        return {} if self.bzero is None else {"bzero": self.bzero}
 
     def default_model(self) -> list[str]:
         """Per pass: the shell average, then the Gaussian process where shells allow it.
@@ -260,6 +390,10 @@ class DWI(BaseDataset):
         if shells and min(shells) >= GP_MIN_DIRECTIONS:
             return ["average", "gp"]
         return ["average"]
+
+    def check_estimable(self, models) -> None:
+        names = ", ".join(sorted({type(m).__name__ for m in models}))
+        check_diffusion_volumes(self, what=f"motion estimation with {names}")
 
     def whole_series(self) -> DWI:
         """The file's whole series, b=0 volumes included, in file order.
@@ -311,6 +445,98 @@ class DWI(BaseDataset):
     def _lazy_fields(self) -> dict:
         return {"bzero": self.bzero} if isinstance(self.bzero, da.Array) else {}
 
+    def facts(self, volumes_in_file: int | None = None) -> dict:
+        in_file = volumes_in_file or int(self.original_index.max()) + 1
+        return {
+            "dwi": {
+                "b0_volumes": int(in_file - len(self)),
+                "bzero": _bzero_kind(self.bzero),
+                "shells": [
+                    {"bvalue": round(b, 1), "volumes": len(members)}
+                    for b, members in self.get_shells()
+                ],
+            }
+        }
+
+    @classmethod
+    def from_stored(cls, data, fields, *, path, cache) -> DWI:
+        """A DWI from its NFDH5 fields; b=0 volumes still in ``dataobj`` are set aside."""
+        if "gradients" in fields:
+            # (N, 4), finite, non-negative b: b=0 volumes are found from it below
+            fields["gradients"] = normalize_gradients(fields["gradients"], path)
+            if len(fields["gradients"]) != data.shape[3]:
+                raise InputError(
+                    f"gradients has {len(fields['gradients'])} entries "
+                    f"but dataobj has {data.shape[3]} volumes",
+                    path,
+                )
+            # the file may still hold its b=0 volumes: per-volume fields must match
+            # the file's volumes before b=0 removal selects from them
+            for name in ("motion_affines", "original_index"):
+                if name in fields and len(np.atleast_1d(fields[name])) != data.shape[3]:
+                    raise InputError(
+                        f"{name} has {len(np.atleast_1d(fields[name]))} entries "
+                        f"but dataobj has {data.shape[3]} volumes",
+                        path,
+                    )
+            keep, bzero = split_b0(data, fields["gradients"])
+            if keep.size == 0:
+                raise InputError("no diffusion-weighted volumes (all are b=0)", path)
+            if keep.size < len(fields["gradients"]):
+                positions = fields.setdefault("original_index", np.arange(data.shape[3]))
+                if "b0s" not in fields:
+                    # the b=0 volumes kept in the file are the series' b=0 volumes
+                    b0 = np.setdiff1d(np.arange(data.shape[3]), keep)
+                    fields["b0s"] = take_volumes(data, b0)
+                    fields["b0_index"] = np.asarray(positions)[b0]
+                    if "motion_affines" in fields:
+                        fields["b0_motion_affines"] = fields["motion_affines"][b0]
+                # positions in the file, so original_index still points at the source
+                data = take_volumes(data, keep)
+                fields["gradients"] = fields["gradients"][keep]
+                fields.setdefault("bzero", bzero)
+                for name in ("motion_affines", "original_index"):
+                    if name in fields:
+                        fields[name] = fields[name][keep]
+        return super().from_stored(data, fields, path=path, cache=cache)
+
+    def export_plan(
+        self,
+        *,
+        order: int = 3,
+        mode: str = "constant",
+        cval: float = 0.0,
+        insert_b0: bool = False,
+        b0_volumes: bool = True,
+        bvals_dec_places: int = 2,
+        bvecs_dec_places: int = 6,
+    ):
+        """The whole series (``b0_volumes``) or nifreeze's layout (``insert_b0``).
+
+        ``insert_b0`` writes the b=0 reference as volume 0 before the
+        diffusion-weighted volumes (b=0 volumes left out); ``b0_volumes=False``
+        writes the diffusion-weighted volumes only.  b-vectors are rotated by the
+        motion; ``.bval`` and ``.bvec`` are written with the given decimals.
+        """
+        series = self.whole_series() if b0_volumes and not insert_b0 else self
+        output = series._exported(order, mode, cval)
+        data, gradients = output.dataobj, output.gradients
+        if insert_b0:
+            if self.bzero is None:
+                raise InputError("insert_b0=True needs a DWI with a bzero volume")
+            bzero = da.asarray(self.bzero).astype(np.float32)[..., np.newaxis]
+            bzero = bzero.rechunk(tuple((s,) for s in bzero.shape))
+            data = da.concatenate([bzero, data.astype(np.float32)], axis=3)
+            gradients = np.vstack((np.zeros((1, 4)), gradients))
+
+        def bval(path):
+            np.savetxt(path, gradients[:, 3][np.newaxis], fmt=f"%.{bvals_dec_places}f")
+
+        def bvec(path):
+            np.savetxt(path, gradients[:, :3].T, fmt=f"%.{bvecs_dec_places}f")
+
+        return series, data, {".bval": bval, ".bvec": bvec}
+
     def _describe(self) -> list[str]:
         shells = ", ".join(f"b={b:g}:{len(idx)}" for b, idx in self.get_shells())
         bzero = (
@@ -322,6 +548,12 @@ class DWI(BaseDataset):
         if self.b0s is not None:
             parts.append(f"b0 volumes={self.b0s.shape[3]}")
         return parts
+
+
+def _bzero_kind(bzero) -> str | None:
+    if bzero is None:
+        return None
+    return "lazy (computed when needed)" if hasattr(bzero, "dask") else "stored"
 
 
 def split_b0(
@@ -402,10 +634,12 @@ def from_nii(
     data = source.to_dask()
     table = read_gradients(bvec_file, bval_file, gradients_file, n_volumes=source.shape[3])
     keep, bzero = split_b0(data, table)
-    if keep.size < MIN_DIFFUSION_VOLUMES:
+    if keep.size == 0:
+        # a DWI with fewer volumes than a model needs still loads (to convert, export or
+        # inspect it); :func:`check_diffusion_volumes` is the estimation-time check
         raise InputError(
-            f"a DWI needs at least {MIN_DIFFUSION_VOLUMES} diffusion-weighted volumes, "
-            f"found {keep.size}",
+            f"no diffusion-weighted volumes: all {len(table)} b-values are at most "
+            f"{b0_threshold():g} (nidask.b0-threshold)",
             source.path,
         )
     # the gradient files too: a .bval/.bvec written beside an output must not replace them

@@ -12,9 +12,9 @@ written volume's transform into one X5 file.  All files appear together or none 
 
 from __future__ import annotations
 
+import inspect
 import os
 
-import dask.array as da
 import numpy as np
 
 from nidask.errors import InputError
@@ -50,50 +50,37 @@ def export_nifti(
     order: int = 3,
     write_hmxfms: bool = False,
     dtype=None,
-    insert_b0: bool = False,
-    b0_volumes: bool = True,
-    bvals_dec_places: int = 2,
-    bvecs_dec_places: int = 6,
     mode: str = "constant",
     cval: float = 0.0,
     progress=None,
+    **options,
 ) -> None:
     """Write ``dataset`` (resampled when it has motion matrices) as NIfTI.
 
-    See :meth:`nidask.BaseDataset.to_nifti` for the parameters; DWI-only ones are
-    ``insert_b0``, ``b0_volumes``, ``bvals_dec_places`` and ``bvecs_dec_places``.
+    See :meth:`nidask.BaseDataset.to_nifti` for the parameters; ``options`` are the
+    modality's own (:meth:`~nidask.BaseDataset.export_plan`, e.g. a DWI's
+    ``insert_b0``, ``b0_volumes``, ``bvals_dec_places`` and ``bvecs_dec_places``).
     """
-    from nidask.dmri import DWI
-
-    is_dwi = isinstance(dataset, DWI)
-    if b0_volumes and not insert_b0:
-        dataset = dataset.whole_series()
-    moved = dataset.motion_affines is not None
-    if write_hmxfms and not moved:
+    known = inspect.signature(dataset.export_plan).parameters
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise InputError(
+            f"a {type(dataset).__name__} export has no option {', '.join(unknown)} "
+            f"(options: {', '.join(known)})"
+        )
+    series, data, sidecars = dataset.export_plan(order=order, mode=mode, cval=cval, **options)
+    if write_hmxfms and series.motion_affines is None:
         raise InputError("write_hmxfms=True but the dataset has no motion matrices")
-    output = dataset.resampled(order=order, mode=mode, cval=cval) if moved else dataset
-    data = output.dataobj
-    gradients = output.gradients if is_dwi else None
-    if insert_b0:
-        if not is_dwi or dataset.bzero is None:
-            raise InputError("insert_b0=True needs a DWI with a bzero volume")
-        bzero = da.asarray(dataset.bzero).astype(np.float32)[..., np.newaxis]
-        bzero = bzero.rechunk(tuple((s,) for s in bzero.shape))
-        data = da.concatenate([bzero, data.astype(np.float32)], axis=3)
-        gradients = np.vstack((np.zeros((1, 4)), gradients))
     dtype = np.dtype(dtype or data.dtype)
     header = make_header(data.shape, dtype, dataset.affine, dataset.datahdr)
-    paths = [os.fspath(filename)]
-    if is_dwi:
-        paths += [sidecar_path(filename, ".bval"), sidecar_path(filename, ".bvec")]
+    paths = [os.fspath(filename), *(sidecar_path(filename, s) for s in sidecars)]
     if write_hmxfms:
         paths.append(sidecar_path(filename, ".x5"))
     with atomic_outputs(paths, dataset.inputs) as temps:
-        if is_dwi:
-            np.savetxt(temps[1], gradients[:, 3][np.newaxis], fmt=f"%.{bvals_dec_places}f")
-            np.savetxt(temps[2], gradients[:, :3].T, fmt=f"%.{bvecs_dec_places}f")
+        for temp, write in zip(temps[1:], sidecars.values(), strict=False):
+            write(temp)
         if write_hmxfms:
-            write_transforms(temps[-1], dataset.motion_affines, dataset.shape3d, dataset.affine)
+            write_transforms(temps[-1], series.motion_affines, series.shape3d, series.affine)
         write_nifti_file(
             data.astype(dtype),
             temps[0],

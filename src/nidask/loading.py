@@ -4,27 +4,25 @@ from __future__ import annotations
 
 import os
 
-import h5py
 import numpy as np
 
-from nidask import dmri, pet
-from nidask.dataset import BaseDataset
+from nidask import bold, dmri, pet  # noqa: F401  (the modalities register themselves)
+from nidask.dataset import MODALITIES, BaseDataset, load_mask, open_nfdh5
 from nidask.errors import InputError
 from nidask.io.cache import Cache
-from nidask.io.nfdh5 import read_nfdh5
-from nidask.io.sources import check_readable, open_source
-
-GRADIENT_KEYS = {"bvec_file", "bval_file", "gradients_file", "b0_file"}
+from nidask.io.sources import check_readable, is_hdf5, open_source
 
 
 def load(path, **kwargs) -> BaseDataset:
     """Open a series lazily.
 
     NFDH5 files become the dataset type their ``Type`` attribute names.  NIfTI
-    (and ``.npy``) files become a :class:`~nidask.BaseDataset`, or a
-    :class:`~nidask.DWI` when gradient files are given (``bvec_file``,
-    ``bval_file``, ``gradients_file``, ``b0_file``), or a :class:`~nidask.PET`
-    with a ``temporal_file``.  ``brainmask_file`` is accepted for all.
+    (and ``.npy``) files become a :class:`~nidask.BaseDataset`, or the modality
+    whose companion files are given (:attr:`~nidask.BaseDataset.load_keys`): a
+    :class:`~nidask.DWI` with ``bvec_file``, ``bval_file``, ``gradients_file`` or
+    ``b0_file``, a :class:`~nidask.PET` with a ``temporal_file``, a
+    :class:`~nidask.BOLD` with a ``json_file``.  ``brainmask_file`` is accepted
+    for all.
 
     Parameters
     ----------
@@ -34,14 +32,13 @@ def load(path, **kwargs) -> BaseDataset:
         Companion files, as above.
     """
     path = check_readable(path)
-    if h5py.is_hdf5(path):
+    if is_hdf5(path):
         if kwargs:
             raise InputError(f"unexpected arguments for an NFDH5 file: {sorted(kwargs)}", path)
-        return read_nfdh5(path)
-    if GRADIENT_KEYS & kwargs.keys():
-        return dmri.from_nii(path, **kwargs)
-    if "temporal_file" in kwargs:
-        return pet.from_nii(path, **kwargs)
+        return open_nfdh5(path)
+    for cls in MODALITIES.values():
+        if set(cls.load_keys) & kwargs.keys():
+            return cls.from_files(path, **kwargs)
     unknown = set(kwargs) - {"brainmask_file"}
     if unknown:
         raise InputError(f"unexpected arguments: {sorted(unknown)}", path)
@@ -50,7 +47,7 @@ def load(path, **kwargs) -> BaseDataset:
     mask = None
     inputs = [path]
     if kwargs.get("brainmask_file") is not None:
-        mask = dmri.load_mask(kwargs["brainmask_file"], source.shape[:3])
+        mask = load_mask(kwargs["brainmask_file"], source.shape[:3])
         inputs.append(os.path.abspath(kwargs["brainmask_file"]))
     return BaseDataset(
         dataobj=source.to_dask(),

@@ -14,8 +14,7 @@ import os
 import attrs
 import numpy as np
 
-from nidask.dataset import BaseDataset
-from nidask.dmri import load_mask
+from nidask.dataset import BaseDataset, load_mask
 from nidask.errors import InputError
 from nidask.io.cache import Cache
 from nidask.io.sources import check_readable, open_source
@@ -89,7 +88,9 @@ class PET(BaseDataset):
     total_duration: float = attrs.field(default=None, kw_only=True)
 
     volume_fields = (*BaseDataset.volume_fields, "midframe")
+    load_keys = ("temporal_file",)
     nfdh5_type = "pet"
+    nfdh5_format = "EMC/PET"
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -117,6 +118,20 @@ class PET(BaseDataset):
 
     def _extras(self, positions, single):
         return (self.midframe[positions[0]] if single else self.midframe[positions],)
+
+    @classmethod
+    def from_files(cls, path, **companions) -> PET:
+        return from_nii(path, **companions)
+
+    def facts(self, volumes_in_file: int | None = None) -> dict:
+        return {
+            "pet": {
+                "frames": len(self),
+                "total_duration_s": float(self.total_duration),
+                "first_midframe_s": float(self.midframe[0]),
+                "last_midframe_s": float(self.midframe[-1]),
+            }
+        }
 
     def _describe(self) -> list[str]:
         return [f"frames={len(self)}", f"total_duration={self.total_duration:g}s"]

@@ -109,10 +109,10 @@ def write_outputs(
 
     written = []
     corrected = os.path.join(directory, "corrected.nii.gz")
-    estimated.to_nifti(corrected, order=order, insert_b0=insert_b0)
+    # insert_b0 is a DWI option: other modalities take none
+    estimated.to_nifti(corrected, order=order, **({"insert_b0": True} if insert_b0 else {}))
     written.append("corrected.nii.gz")
-    if "gradients" in estimated.volume_meta():
-        written += ["corrected.bval", "corrected.bvec"]
+    written += [f"corrected{suffix}" for suffix in estimated.export_sidecars]
     whole = estimated.whole_series()
     with atomic_output(os.path.join(directory, "motion.x5")) as temp:
         write_transforms(temp, whole.motion_affines, whole.shape3d, whole.affine)

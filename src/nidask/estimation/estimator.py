@@ -76,6 +76,8 @@ REPORT_FILE = "report.json"
 #: The smallest field of view the estimator accepts: voxels and millimetres along each
 #: axis, voxels in the mask (dipy's 2 cm test crops fall below it).
 MIN_AXIS, MIN_EXTENT_MM, MIN_MASK = 8, 25.0, 300
+#: Registration ignores voxels this close to the grid's faces (see away_from_edges).
+EDGE_MARGIN_MM = 4.0
 #: Fields of view below these are estimated but flagged ``small_fov``.
 SMALL_AXIS, SMALL_EXTENT_MM, SMALL_MASK = 24, 60.0, 10000
 
@@ -130,8 +132,11 @@ def register_fold(
     mask = np.load(mask_path)
     fixed = scatter(read_column(predictions, fold), grow_mask(mask))
     moving = read_volume(volumes, fold)
+    inner = away_from_edges(mask, affine)
     if weights is not None:
-        mask = prediction_weights(weights[0], weights[1], mask)
+        mask = prediction_weights(weights[0], weights[1], mask) * inner
+    else:
+        mask = inner
     report = getattr(registration, "register", None)
     if report is not None:
         matrix, quality = report(fixed, moving, affine, mask=mask, init=init)
@@ -141,6 +146,27 @@ def register_fold(
     _save_json(record[: -len(".npy")] + ".json", quality)
     _save_atomic(record, matrix)
     return matrix
+
+
+def away_from_edges(mask: np.ndarray, affine, margin_mm: float = EDGE_MARGIN_MM) -> np.ndarray:
+    """``mask`` without the voxels within ``margin_mm`` of the grid's faces.
+
+    Anatomy there moves in and out of the field of view (a BOLD slab's first and
+    last slices): what is sampled beyond the grid is made up, and biases the
+    registration.  A mask that would lose most of its voxels is kept whole.
+
+    >>> int(away_from_edges(np.ones((20, 20, 20), bool), np.eye(4) * 2, 4.0).sum())
+    4096
+    """
+    zooms = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    inner = np.zeros(mask.shape, dtype=bool)
+    cut = [
+        min(int(np.ceil(margin_mm / z)), (s - 1) // 4)
+        for z, s in zip(zooms, mask.shape, strict=True)
+    ]
+    inner[tuple(slice(c, s - c) for c, s in zip(cut, mask.shape, strict=True))] = True
+    kept = mask & inner
+    return kept if kept.sum() >= mask.sum() / 2 else mask
 
 
 def grow_mask(mask: np.ndarray, voxels: int = 4) -> np.ndarray:
@@ -400,6 +426,7 @@ class Estimator:
         """
         whole = dataset.whole_series()
         models = self._models(whole)
+        dataset.check_estimable(models)
         registrations = self._registrations()
         self._check_options(whole)
         meta = whole.volume_meta()
@@ -517,16 +544,15 @@ class Estimator:
             dataset.shape3d, dataset.affine, mask, (dataset.inputs or (None,))[0]
         )
         voxel_meta = {}
-        bzero = getattr(dataset, "bzero", None)
-        if bzero is not None:
+        for name, image in dataset.voxel_meta().items():
 
-            def write_bzero(path):  # computed only when the run has not recorded it yet
-                volume = np.asarray(dask.compute(bzero)[0], dtype=np.float32)
+            def write_image(path, image=image):  # computed only when not recorded yet
+                volume = np.asarray(dask.compute(image)[0], dtype=np.float32)
                 # the same (Fortran) voxel order as the voxel-major data and predictions
                 values = volume.ravel(order="F")[mask_index(grow_mask(mask))]
                 write_vector(path, values)
 
-            voxel_meta["bzero"] = self._step(os.path.join(workdir, "bzero.npy"), write_bzero)
+            voxel_meta[name] = self._step(os.path.join(workdir, f"{name}.npy"), write_image)
         return _Run(workdir, raw, mask, mask_path, voxel_meta, tuple(flags), groups, interior)
 
     def _step(self, path: str, produce) -> str:

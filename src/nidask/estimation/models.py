@@ -68,6 +68,9 @@ def predict_folds_by_fitting(model, data: np.ndarray, meta: dict, folds) -> np.n
 class FoldModel:
     """Base class of the built-in models: ``predict_folds`` by fitting each fold."""
 
+    #: Metadata the model reads (keys of a dataset's ``volume_meta`` or ``voxel_meta``).
+    needs: tuple[str, ...] = ()
+
     def predict_folds(self, data: np.ndarray, meta: dict, folds) -> np.ndarray:
         return predict_folds_by_fitting(self, data, meta, folds)
 
@@ -207,6 +210,8 @@ class AverageModel(FoldModel):
 class B0Model(FoldModel):
     """Predicts the b=0 reference for every volume (register with ``metric="mi"``)."""
 
+    needs = ("bzero",)
+
     def fit(self, data, **meta):
         if meta.get("bzero") is None:
             raise InputError("the b0 model needs a DWI with a bzero volume")
@@ -241,6 +246,8 @@ class DTIModel(FoldModel):
     exactly.  Without any b=0 column, a ``bzero`` covariate (given as voxel
     metadata) stands in for the b=0 volumes.
     """
+
+    needs = ("gradients",)
 
     def __init__(self, min_signal: float = 1e-3):
         self.min_signal = min_signal
@@ -304,6 +311,8 @@ class GPModel(FoldModel):
     hyperparameters : tuple, optional
         ``(ratio, angular_length, bvalue_length, sigma2)`` already fitted.
     """
+
+    needs = ("gradients",)
 
     def __init__(self, sample_voxels: int = 3000, hyperparameters=None):
         self.sample_voxels = int(sample_voxels)
@@ -372,6 +381,8 @@ class TemporalModel(FoldModel):
     ``degree=None`` interpolates linearly between the neighbouring frames instead.
     """
 
+    needs = ("midframe",)
+
     def __init__(self, degree: int | None = 3):
         self.degree = degree
 
@@ -425,6 +436,37 @@ def _interpolate(data: np.ndarray, times: np.ndarray, at: float) -> np.ndarray:
     return ((1 - w) * data[:, left] + w * data[:, right]).astype(np.float32)
 
 
+class NeighbourModel(FoldModel):
+    """Mean of the ``size`` training volumes nearest in time (BOLD).
+
+    Same-contrast series drift slowly (scanner drift, physiology): the volumes
+    acquired just before and after predict a volume better than the whole series.
+    Ties in time distance take the earlier volume first.
+    """
+
+    needs = ("time",)
+
+    def __init__(self, size: int = 6):
+        if size < 1:
+            raise InputError(f"neighbours: size must be at least 1, got {size}")
+        self.size = size
+
+    def predict_folds(self, data, meta, folds):
+        times = np.asarray(meta.get("time"), dtype=float)
+        if times.shape != (data.shape[1],):
+            raise InputError("the neighbours model needs acquisition times (time)")
+        out = np.empty((data.shape[0], len(folds)), dtype=np.float32)
+        for j, fold in enumerate(folds):
+            distance = np.abs(times - times[fold])
+            distance[fold] = np.inf
+            nearest = np.argsort(distance, kind="stable")[: min(self.size, len(times) - 1)]
+            out[:, j] = data[:, np.sort(nearest)].mean(axis=1)
+        return out
+
+    def __repr__(self):
+        return f"NeighbourModel(size={self.size})"
+
+
 class CallableModel(FoldModel):
     """Wrap ``f(train_data, train_meta, test_meta) -> (n_voxels,)`` as a model."""
 
@@ -450,6 +492,7 @@ MODELS: dict[str, Callable[[], Model]] = {
     "gp": GPModel,
     "pet": TemporalModel,
     "temporal": TemporalModel,
+    "neighbours": NeighbourModel,
 }
 
 

@@ -2,37 +2,51 @@
 
 Layout: file attributes ``Format="NFDH5"`` (PET: ``"EMC/PET"``) and
 ``Version=uint16(1)``; group ``/0`` with attribute ``Type`` (``"base dataset"``,
-``"dmri"``, ``"pet"``) and one dataset per public field.  Version 1 stores
+``"dmri"``, ``"pet"``, ...) and one dataset per field.  Version 1 stores
 ``dataobj`` as (X, Y, Z, N); version 2 as (N, X, Y, Z) with ``volume_axis=0``.
 nidask writes version 1 with HDF5 chunks of whole volumes, so files stay readable
 by nifreeze 0.1.0 while a volume read touches one chunk.  Fields nifreeze does not
 know are stored with a leading underscore, which nifreeze skips.
+
+This module knows the container only: fields in, fields out.  Which fields a
+dataset type stores and how it is rebuilt from them are that type's hooks
+(:meth:`nidask.BaseDataset.stored_fields`, :meth:`nidask.BaseDataset.from_stored`).
 """
 
 from __future__ import annotations
 
-import attrs
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+import dask.array as da
 import h5py
 import numpy as np
 
-from nidask.dataset import BaseDataset, take_volumes
-from nidask.dmri import DWI, normalize_gradients, split_b0
 from nidask.errors import InputError
-from nidask.io.cache import Cache, atomic_output
+from nidask.io.cache import atomic_output
 from nidask.io.files import reserve
 from nidask.io.sources import HDF5Source, check_readable
 from nidask.io.store import HDF5Target, store, write_blocks
-from nidask.pet import PET
 from nidask.progress import compute
 
 FORMATS = {"NFDH5", "EMC/PET"}
 VERSIONS = {1, 2}
-TYPES: dict[str, type[BaseDataset]] = {cls.nfdh5_type: cls for cls in (BaseDataset, DWI, PET)}
-PRIVATE_FIELDS = {"original_index", "b0s", "b0_index", "b0_motion_affines"}
-#: Fields holding volumes: stored like ``dataobj`` (whole-volume chunks), read lazily.
-VOLUME_ARRAYS = {"b0s"}
 #: Largest metadata field read eagerly (a few volumes' worth is plenty).
 MAX_FIELD_BYTES = 2**30
+
+
+@dataclass
+class StoredSeries:
+    """What an NFDH5 file holds: its dataset ``kind`` (``Type``), data and fields.
+
+    ``fields`` maps stored names (a leading underscore for private fields) to numpy
+    arrays; 4D fields (volumes) are lazy dask arrays over the file.
+    """
+
+    path: str
+    kind: str
+    data: da.Array
+    fields: dict
 
 
 def _text(value) -> str | None:
@@ -55,10 +69,12 @@ def _read_field(path: str, dset) -> np.ndarray:
     return dset[()]
 
 
-def read_nfdh5(filename, *, cache: Cache | None = None) -> BaseDataset:
-    """Open an NFDH5 file lazily, as the dataset type its ``Type`` names.
+def read_nfdh5(filename, stored_names: Callable[[str], Collection[str]]) -> StoredSeries:
+    """Open an NFDH5 file: metadata fields read, volumes left on disk behind dask arrays.
 
-    Only metadata are read; ``dataobj`` stays on disk behind a dask array.
+    ``stored_names(kind)`` gives the stored names to read for a dataset ``Type``
+    (others are ignored); it raises :class:`~nidask.errors.InputError` for a type
+    it does not know.
     """
     path = check_readable(filename)
     try:
@@ -81,112 +97,79 @@ def read_nfdh5(filename, *, cache: Cache | None = None) -> BaseDataset:
         default = "pet" if fmt == "EMC/PET" else "base dataset"
         # nifreeze 0.1.0 marks a DWI at file level and leaves "base dataset" on /0
         kind = _text(f.attrs.get("Type")) or _text(root.attrs.get("Type")) or default
-        if kind not in TYPES:
-            raise InputError(f"unknown dataset Type {kind!r}", path)
+        try:
+            wanted = set(stored_names(kind))
+        except InputError as exc:
+            raise InputError(exc.problem, path) from None
         if "dataobj" not in root:
             raise InputError("HDF5 file has no /0/dataobj", path)
-        cls = TYPES[kind]
-        names = {a.name for a in attrs.fields(cls)} - set(cls.internal_fields)
         fields = {}
         for key in root:
-            name = key[1:] if key.startswith("_") else key
-            if name in VOLUME_ARRAYS and name in names:
-                fields[name] = HDF5Source(path, f"/0/{key}").to_dask()
-            elif key != "dataobj" and name in names:
-                fields[name] = _read_field(path, root[key])
-    source = HDF5Source(path, "/0/dataobj")
-    data = source.to_dask()
-    try:
-        if cls is DWI and "gradients" in fields:
-            # (N, 4), finite, non-negative b: b=0 volumes are found from it below
-            fields["gradients"] = normalize_gradients(fields["gradients"], path)
-            if len(fields["gradients"]) != data.shape[3]:
-                raise InputError(
-                    f"gradients has {len(fields['gradients'])} entries "
-                    f"but dataobj has {data.shape[3]} volumes",
-                    path,
-                )
-            # the file may still hold its b=0 volumes: per-volume fields must match
-            # the file's volumes before b=0 removal selects from them
-            for name in ("motion_affines", "original_index"):
-                if name in fields and len(np.atleast_1d(fields[name])) != data.shape[3]:
-                    raise InputError(
-                        f"{name} has {len(np.atleast_1d(fields[name]))} entries "
-                        f"but dataobj has {data.shape[3]} volumes",
-                        path,
-                    )
-            keep, bzero = split_b0(data, fields["gradients"])
-            if keep.size == 0:
-                raise InputError("no diffusion-weighted volumes (all are b=0)", path)
-            if keep.size < len(fields["gradients"]) and "b0s" not in fields:
-                # the b=0 volumes kept in the file are the series' b=0 volumes
-                b0 = np.setdiff1d(np.arange(data.shape[3]), keep)
-                positions = fields.get("original_index", np.arange(data.shape[3]))
-                fields["b0s"] = take_volumes(data, b0)
-                fields["b0_index"] = np.asarray(positions)[b0]
-                if "motion_affines" in fields:
-                    fields["b0_motion_affines"] = fields["motion_affines"][b0]
-            if keep.size < len(fields["gradients"]):
-                # positions in the file, so original_index still points at the source
-                fields.setdefault("original_index", np.arange(data.shape[3]))
-                data = take_volumes(data, keep)
-                fields["gradients"] = fields["gradients"][keep]
-                fields.setdefault("bzero", bzero)
-                for name in ("motion_affines", "original_index"):
-                    if name in fields:
-                        fields[name] = fields[name][keep]
-        fields.setdefault("affine", np.eye(4))
-        return cls(dataobj=data, cache=cache or Cache(), inputs=(path,), **fields)
-    except InputError as exc:
-        if exc.path is None:
-            raise InputError(exc.problem, path) from exc
-        raise
+            if key == "dataobj" or key not in wanted:
+                continue
+            item = root[key]
+            if isinstance(item, h5py.Dataset) and item.ndim == 4:
+                fields[key] = HDF5Source(path, f"/0/{key}").to_dask()
+            else:
+                fields[key] = _read_field(path, item)
+    return StoredSeries(path, kind, HDF5Source(path, "/0/dataobj").to_dask(), fields)
 
 
 def write_nfdh5(
-    dataset: BaseDataset,
     filename,
+    data: da.Array,
+    fields: dict,
     *,
+    kind: str,
+    file_format: str = "NFDH5",
+    file_type: str | None = None,
+    inputs=(),
     compression: str | None = None,
     compression_opts=None,
     progress=None,
 ) -> None:
-    """Write ``dataset`` as an NFDH5 (v1) file, streamed chunk by chunk, atomically.
+    """Write an NFDH5 (v1) file, streamed chunk by chunk, atomically.
 
     Parameters
     ----------
-    dataset : BaseDataset
-        Any nidask dataset; its lazy ``dataobj`` is computed block by block.
     filename : path-like
         Output file; written under a temporary name and renamed when complete.
+    data : dask array (X, Y, Z, N)
+        The volumes, computed block by block into ``/0/dataobj``.
+    fields : dict
+        Stored name -> value; 4D dask arrays are streamed like ``data``, anything
+        else (dask graphs included) is computed and stored whole.
+    kind, file_format, file_type
+        ``/0`` ``Type``, the file's ``Format`` and its optional file-level ``Type``.
+    inputs : sequence of str
+        Files the output must not overwrite.
     compression, compression_opts
         HDF5 filter (``"gzip"``, ``"lzf"``) and its options, for every field.
     """
-    fields, volumes = {}, {"dataobj": dataset.dataobj}
-    for name in dataset._public_fields():
-        value = getattr(dataset, name)
-        if name in VOLUME_ARRAYS and value is not None:
-            volumes[f"_{name}"] = value
-        elif name != "dataobj" and value is not None:
-            fields[name] = value
-    lazy = {k: v for k, v in fields.items() if hasattr(v, "dask")}
-    fields.update(zip(lazy, compute(*lazy.values()), strict=True))
+    volumes = {"dataobj": data}
+    small = {}
+    for key, value in fields.items():
+        if isinstance(value, da.Array) and value.ndim == 4:
+            volumes[key] = value
+        else:
+            small[key] = value
+    lazy = {k: v for k, v in small.items() if hasattr(v, "dask")}
+    small.update(zip(lazy, compute(*lazy.values()), strict=True))
     filters = {"compression": compression, "compression_opts": compression_opts}
-    with atomic_output(filename, dataset.inputs) as temp:
+    with atomic_output(filename, inputs) as temp:
         if compression is None:
             # HDF5 cannot recover from a full disk mid-write (h5py crashes closing the
             # file): check that the data fit before HDF5 writes anything
-            metadata = sum(np.asarray(v).nbytes for v in fields.values())
+            metadata = sum(np.asarray(v).nbytes for v in small.values())
             reserve(temp, sum(v.nbytes for v in volumes.values()) + metadata)
         with h5py.File(temp, "w") as f:
-            f.attrs["Format"] = "EMC/PET" if isinstance(dataset, PET) else "NFDH5"
+            f.attrs["Format"] = file_format
             f.attrs["Version"] = np.uint16(1)
-            if isinstance(dataset, DWI):
-                f.attrs["Type"] = "dmri"
+            if file_type is not None:
+                f.attrs["Type"] = file_type
             root = f.create_group("0")
-            root.attrs["Type"] = dataset.nfdh5_type
-            for name, value in fields.items():
-                key = f"_{name}" if name in PRIVATE_FIELDS else name
+            root.attrs["Type"] = kind
+            for key, value in small.items():
                 value = np.asarray(value)
                 root.create_dataset(key, data=value, **(filters if value.ndim else {}))
             for key, value in volumes.items():

@@ -53,6 +53,19 @@ FILE_ERRORS = (
 _ARRAYS: weakref.WeakValueDictionary[str, VolumeSource] = weakref.WeakValueDictionary()
 
 
+#: File name endings of the formats nidask reads and writes.
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nfdh5")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_hdf5(path) -> bool:
+    """Whether ``path`` is an existing HDF5 file (by content, whatever its name)."""
+    try:
+        return os.path.isfile(path) and h5py.is_hdf5(path)
+    except OSError:
+        return False
+
+
 def volume_runs(positions) -> list[np.ndarray]:
     """Split volume positions into runs of consecutive positions.
 
@@ -225,8 +238,28 @@ class VolumeSource:
 
 
 def source_of(array: da.Array) -> VolumeSource | None:
-    """The source whose :meth:`~VolumeSource.to_dask` made ``array`` (else ``None``)."""
-    return _ARRAYS.get(array.name) if isinstance(array, da.Array) else None
+    """The source whose :meth:`~VolumeSource.to_dask` made ``array`` (else ``None``).
+
+    The source travels inside the array's graph (its tasks hold it), so an array
+    unpickled in another process is recognised too: the source found in a task is
+    accepted when the array's name is the one :meth:`~VolumeSource.to_dask` gives
+    that source and those chunks.
+    """
+    if not isinstance(array, da.Array) or not array.name.startswith("nidask-"):
+        return None
+    known = _ARRAYS.get(array.name)
+    if known is not None:
+        return known
+    graph = array.__dask_graph__()
+    key = (array.name,) + (0,) * array.ndim
+    task = graph.get(key) if hasattr(graph, "get") else None
+    for argument in getattr(task, "args", ()):
+        source = getattr(argument, "value", argument)
+        if isinstance(source, VolumeSource):
+            if array.name == f"nidask-{source.label}-{tokenize(source, array.chunks)}":
+                _ARRAYS[array.name] = source
+                return source
+    return None
 
 
 def rechunk_volumes(data: da.Array, per_chunk: int) -> da.Array:
@@ -538,7 +571,7 @@ def open_source(path: str | os.PathLike, cache=None, key: str | None = None) -> 
     """
     path = check_readable(path)
     lower = path.lower()
-    if lower.endswith((".h5", ".hdf5", ".hdf")) or key is not None:
+    if lower.endswith(HDF5_SUFFIXES) or key is not None:
         return HDF5Source(path, key or "/0/dataobj")
     if lower.endswith(".npy"):
         return NpySource(path)

@@ -1,0 +1,192 @@
+"""BOLD fMRI series: a :class:`BOLD` dataset and its BIDS sidecar.
+
+Every volume of a BOLD series has the same contrast, so a volume is predicted
+from the others directly: by their average (``"average"``, the default, or
+``"median"``), or by the volumes nearest in time (``"neighbours"``), which
+follows slow signal drift.
+Acquisition times come from ``RepetitionTime`` (and ``SliceTiming``) in the BIDS
+JSON sidecar, or the NIfTI header's time step when there is no sidecar.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import attrs
+import numpy as np
+
+from nidask.dataset import BaseDataset, load_mask
+from nidask.errors import InputError
+from nidask.io.cache import Cache
+from nidask.io.sources import check_readable, open_source
+
+
+def _optional_array(value):
+    return None if value is None else np.asarray(value, dtype=float).ravel()
+
+
+@attrs.define(eq=False, repr=False, slots=False)
+class BOLD(BaseDataset):
+    """A BOLD (or any same-contrast EPI) series.
+
+    Parameters
+    ----------
+    repetition_time : float
+        Seconds between the starts of consecutive volumes.
+    slice_timing : ndarray (n_slices,), optional
+        Acquisition time of each slice within a volume (seconds), as BIDS
+        ``SliceTiming``; kept and stored, not used by the estimator.
+    """
+
+    repetition_time: float = attrs.field(default=None, kw_only=True)
+    slice_timing: np.ndarray | None = attrs.field(
+        default=None, kw_only=True, converter=_optional_array
+    )
+
+    load_keys = ("json_file", "repetition_time")
+    nfdh5_type = "bold"
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        if self.repetition_time is None:
+            raise InputError("a BOLD series needs its repetition_time")
+        self.repetition_time = float(np.asarray(self.repetition_time))
+        if not np.isfinite(self.repetition_time) or self.repetition_time <= 0:
+            raise InputError(f"repetition_time must be positive, got {self.repetition_time}")
+        timing = self.slice_timing
+        if timing is not None:
+            if timing.size == 0 or not np.all(np.isfinite(timing)):
+                raise InputError("slice_timing must hold finite numbers")
+            if timing.min() < 0 or timing.max() >= self.repetition_time:
+                raise InputError("slice_timing must lie within one repetition time")
+
+    @property
+    def acquisition_times(self) -> np.ndarray:
+        """Start of each volume (seconds from the file's first volume)."""
+        return self.original_index * self.repetition_time
+
+    @classmethod
+    def from_files(cls, path, **companions) -> BOLD:
+        return from_nii(path, **companions)
+
+    def volume_meta(self) -> dict:
+        return {"time": self.acquisition_times}
+
+    def default_model(self) -> str:
+        """The series average.
+
+        On real anatomy moved by a real trajectory the average predicts better than
+        the temporal neighbours (fewer volumes, more noise; see
+        docs/benchmarks.md); ``"neighbours"`` remains the choice for series whose
+        signal drifts.  Neighbours predict in their own mean position: from
+        uncorrected data that would cancel slow drift, so give them after a first
+        average pass (``model=["average", "neighbours"]``).
+        """
+        return "average"
+
+    def facts(self, volumes_in_file: int | None = None) -> dict:
+        return {
+            "bold": {
+                "volumes": len(self),
+                "repetition_time_s": self.repetition_time,
+                "duration_s": float(len(self) * self.repetition_time),
+                "slice_timing": self.slice_timing is not None,
+            }
+        }
+
+    def _describe(self) -> list[str]:
+        parts = [f"TR={self.repetition_time:g}s"]
+        if self.slice_timing is not None:
+            parts.append(f"slice timing={self.slice_timing.size} slices")
+        return parts
+
+
+def read_sidecar(path) -> dict:
+    """``repetition_time`` and ``slice_timing`` from a BIDS BOLD JSON sidecar."""
+    path = check_readable(path)
+    try:
+        with open(path) as f:
+            sidecar = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"not a valid JSON file ({exc})", path) from exc
+    if not isinstance(sidecar, dict):
+        raise InputError("sidecar is not a JSON object", path)
+    if "RepetitionTime" not in sidecar:
+        raise InputError("sidecar has no RepetitionTime", path)
+    values = {"repetition_time": sidecar["RepetitionTime"]}
+    if sidecar.get("SliceTiming") is not None:
+        values["slice_timing"] = sidecar["SliceTiming"]
+    try:
+        values = {k: np.asarray(v, dtype=float) for k, v in values.items()}
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"malformed RepetitionTime or SliceTiming ({exc})", path) from exc
+    if values["repetition_time"].ndim != 0:
+        raise InputError("RepetitionTime must be a number", path)
+    return values
+
+
+def _header_repetition_time(source) -> float | None:
+    header = getattr(source, "header", None)
+    if header is None or len(header.get_zooms()) < 4:
+        return None
+    step = float(header.get_zooms()[3])
+    if step <= 0:
+        return None
+    return step / 1000.0 if header.get_xyzt_units()[1] == "msec" else step
+
+
+def from_nii(
+    filename,
+    json_file=None,
+    brainmask_file=None,
+    *,
+    repetition_time: float | None = None,
+    cache: Cache | None = None,
+) -> BOLD:
+    """Open a BOLD series lazily.
+
+    Parameters
+    ----------
+    filename : path-like
+        The 4D series (NIfTI, ``.npy`` or HDF5 array).
+    json_file : path-like, optional
+        BIDS sidecar with ``RepetitionTime`` (seconds) and optionally ``SliceTiming``.
+    brainmask_file : path-like, optional
+        A 3D mask of the same grid.
+    repetition_time : float, optional
+        Seconds per volume; wins over the sidecar.  Without either, the NIfTI
+        header's time step is used.
+    """
+    cache = cache or Cache()
+    source = open_source(filename, cache=cache)
+    inputs = [source.path]
+    timing = {}
+    if json_file is not None:
+        timing = read_sidecar(json_file)
+        inputs.append(os.path.abspath(json_file))
+    if repetition_time is not None:
+        timing["repetition_time"] = repetition_time
+    timing.setdefault("repetition_time", _header_repetition_time(source))
+    if timing["repetition_time"] is None:
+        raise InputError(
+            "no repetition time: give a BIDS JSON sidecar or repetition_time", filename
+        )
+    mask = None
+    if brainmask_file is not None:
+        mask = load_mask(brainmask_file, source.shape[:3])
+        inputs.append(os.path.abspath(brainmask_file))
+    try:
+        return BOLD(
+            dataobj=source.to_dask(),
+            affine=getattr(source, "affine", np.eye(4)),
+            brainmask=mask,
+            datahdr=getattr(source, "header", None),
+            cache=cache,
+            inputs=tuple(inputs),
+            **timing,
+        )
+    except InputError as exc:
+        if exc.path is None:
+            raise InputError(exc.problem, json_file or filename) from exc
+        raise

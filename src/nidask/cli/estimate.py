@@ -1,0 +1,240 @@
+"""``nidask estimate``: estimate head motion of one series or of a BIDS dataset.
+
+:func:`cmd_estimate` runs the leave-one-volume-out estimation of one series and
+writes the corrected series, transforms, motion table and plots under ``--out``;
+:func:`cmd_estimate_bids` is the BIDS-Apps form (``BIDS_DIR OUT_DIR participant``)
+that estimates every selected series and writes a BIDS derivative;
+:func:`add_parser` adds the subcommand, its choices and option types to the
+``nidask`` parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+
+from nidask.cli.common import (
+    COMPANIONS,
+    Terminated,
+    UsageError,
+    _companion_options,
+    _model_for,
+    _motion_summary,
+    _positive_int,
+    _say,
+    _scheduler_options,
+    _warn_flags,
+    open_dataset,
+    scheduler,
+    write_outputs,
+)
+
+MODELS = ("auto", "gp", "average", "median", "dti", "b0", "pet", "neighbours")
+ORDERS = ("sequential", "reverse", "random", "bvalue")
+
+
+def _reference(value: str):
+    if value in ("template", "model"):
+        return "template"
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid reference {value!r} (use 'template' or a volume index)"
+        ) from None
+
+
+def _estimator_from(args, model="auto"):
+    import nidask
+
+    return nidask.Estimator(
+        model=model,
+        order=args.order,
+        seed=args.seed,
+        passes=args.passes,
+        tolerance=args.tolerance,
+        reference=args.reference,
+    )
+
+
+def cmd_estimate_bids(args) -> int:
+    """``nidask estimate BIDS_DIR OUT_DIR participant``: every selected series."""
+    from nidask.participants import run_participants, summary_table
+
+    given = sorted(f"--{o}" for o in COMPANIONS if getattr(args, o, None) is not None)
+    if given or args.out:
+        raise UsageError(
+            f"a BIDS dataset finds its own companions and names its outputs: "
+            f"{', '.join(given + (['--out'] if args.out else []))} not accepted"
+        )
+    if args.model not in ("auto", None):
+        raise UsageError("BIDS mode estimates every modality with its default model")
+    settings = {"passes": args.passes, "tolerance": args.tolerance, "order": args.order}
+    with scheduler(args.scheduler, args.workers) as client:
+        results = run_participants(
+            args.input,
+            args.output_dir,
+            lambda: _estimator_from(args),
+            participant_labels=args.participant_label,
+            modalities=args.modality,
+            client=client,
+            settings=settings,
+            say=_say,
+        )
+    _say(summary_table(results))
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+def cmd_estimate(args) -> int:
+    from nidask.errors import NidaskError, OutputError
+
+    if args.analysis_level is not None:
+        return cmd_estimate_bids(args)
+    if args.output_dir is not None:
+        raise UsageError("BIDS mode needs three arguments: BIDS_DIR OUT_DIR participant")
+    if args.out is None:
+        raise UsageError(
+            "the following arguments are required: --out (or, for a BIDS dataset: "
+            "BIDS_DIR OUT_DIR participant)"
+        )
+    out = os.path.abspath(args.out)
+    work = os.path.join(out, "work")
+    if os.path.exists(work) and not args.resume:
+        raise UsageError(
+            f"{work}: holds a previous run; add --resume to continue it or choose another --out"
+        )
+    dataset = open_dataset(args.input, args)
+    with dataset:
+        model = _model_for(dataset, args.model)
+        n = len(dataset.whole_series())
+        if isinstance(args.reference, int) and not -n <= args.reference < n:
+            raise UsageError(f"--reference {args.reference}: out of range for {n} volumes")
+        estimator = _estimator_from(args, model)
+        with scheduler(args.scheduler, args.workers) as client:
+            try:
+                os.makedirs(out, exist_ok=True)
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot create the output directory: {exc.strerror}", out
+                ) from exc
+            fresh = not os.path.exists(work)
+            _say(
+                f"estimating {len(dataset)} volumes of {args.input}: model {model}, "
+                f"{args.passes} pass(es), scheduler {args.scheduler}"
+                + ("" if fresh else " (resuming)")
+            )
+            start = time.perf_counter()
+            try:
+                estimated = estimator.run(dataset, client=client, workdir=work)
+            except NidaskError as exc:
+                # a run refused for its input or configuration holds nothing worth
+                # resuming: leave no work directory behind to block a corrected retry
+                if fresh and not isinstance(exc, OSError):
+                    shutil.rmtree(work, ignore_errors=True)
+                raise
+            except KeyboardInterrupt:
+                raise KeyboardInterrupt(f"{work}: interrupted; continue with --resume") from None
+            except Terminated:
+                raise Terminated(f"{work}: terminated; continue with --resume") from None
+            _say(f"estimated in {time.perf_counter() - start:.1f} s: {_motion_summary(estimated)}")
+            _warn_flags(estimator.report)
+            written = write_outputs(
+                dataset,
+                estimated,
+                out,
+                report=estimator.report,
+                order=args.interpolation,
+                insert_b0=args.insert_b0,
+                plots=not args.no_plots,
+            )
+    _say(f"wrote {', '.join(written)} in {out}")
+    return 0
+
+
+def add_parser(subparsers, parents) -> argparse.ArgumentParser:
+    """Add ``nidask estimate`` to ``subparsers``; ``parents`` hold the shared options."""
+    estimate = subparsers.add_parser(
+        "estimate",
+        parents=parents,
+        help="estimate head motion (leave-one-volume-out) and correct the series",
+        description="Estimate every volume's head motion with a leave-one-volume-out "
+        "model and rigid registration. Writes OUT/corrected.nii.gz (+ .bval/.bvec for "
+        "a DWI), OUT/motion.x5 (one transform per volume), OUT/motion.tsv (tx ty tz in "
+        "mm, rx ry rz in degrees about the centre of the field of view, framewise "
+        "displacement) and PNG plots. The run lives in OUT/work; an interrupted run "
+        "continues with --resume. On a BIDS dataset, in the BIDS-Apps form "
+        "'nidask estimate BIDS_DIR OUT_DIR participant', every DWI, PET and BOLD series "
+        "of the selected participants is estimated on one scheduler and written as a "
+        "BIDS derivative (sidecars found by the BIDS inheritance rules).",
+    )
+    estimate.add_argument(
+        "input", help="input series (NIfTI + companions, or NFDH5), or a BIDS dataset"
+    )
+    estimate.add_argument(
+        "output_dir", nargs="?", help="BIDS mode: the derivative dataset to write"
+    )
+    estimate.add_argument(
+        "analysis_level", nargs="?", choices=("participant",), help="BIDS mode: participant"
+    )
+    _companion_options(estimate)
+    group = estimate.add_argument_group("BIDS datasets")
+    group.add_argument(
+        "--participant-label",
+        nargs="+",
+        metavar="LABEL",
+        help="participants to estimate (sub- prefix optional; default all)",
+    )
+    group.add_argument(
+        "--modality",
+        nargs="+",
+        choices=("dwi", "pet", "bold"),
+        default=["dwi", "pet", "bold"],
+        help="series suffixes to estimate (default all three)",
+    )
+    group = estimate.add_argument_group("estimation")
+    group.add_argument("--out", metavar="DIR", help="output directory (one series)")
+    group.add_argument(
+        "--model",
+        choices=MODELS,
+        default="auto",
+        help="prediction model (default auto: for a DWI the shell average, then the "
+        "Gaussian process; pet for PET; the average otherwise)",
+    )
+    group.add_argument(
+        "--passes", type=_positive_int, default=4, help="most estimation passes (default 4)"
+    )
+    group.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.1,
+        metavar="MM",
+        help="stop once no volume's estimate moves more than this (default 0.1 mm)",
+    )
+    group.add_argument("--order", choices=ORDERS, default="sequential", help="fold order")
+    group.add_argument("--seed", type=int, default=0, help="seed of --order random")
+    group.add_argument(
+        "--reference",
+        type=_reference,
+        default="template",
+        metavar="template|INDEX",
+        help="frame of the matrices: the b=0 template's for a DWI, the series' mean "
+        "position otherwise (default), or that of file volume INDEX",
+    )
+    group.add_argument(
+        "--resume", action="store_true", help="continue the run in OUT/work if there is one"
+    )
+    group = estimate.add_argument_group("outputs")
+    group.add_argument(
+        "--interpolation", type=int, default=3, help="interpolation order of the corrected series"
+    )
+    group.add_argument(
+        "--insert-b0",
+        action="store_true",
+        help="DWI: write the b=0 reference as volume 0 of the corrected series",
+    )
+    group.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    _scheduler_options(estimate)
+    estimate.set_defaults(func=cmd_estimate)
+    return estimate
