@@ -222,7 +222,7 @@ def test_sidecar_errors(dataset, tmp_path):
         bids.find_sidecars(folder / "sub-02_run-1_dwi.nii")
     pet = root / "sub-03" / "pet"
     (pet / "sub-03_trc-FDG_pet.json").write_text("{broken")
-    with pytest.raises(InputError, match="not a readable JSON file") as excinfo:
+    with pytest.raises(InputError, match="not a valid JSON file") as excinfo:
         bids.find_sidecars(pet / "sub-03_trc-FDG_pet.nii.gz")
     assert excinfo.value.path.endswith("sub-03_trc-FDG_pet.json")
     (pet / "sub-03_trc-FDG_pet.json").write_text("{}")

@@ -31,6 +31,7 @@ import tempfile
 from pathlib import Path
 
 from nidask.errors import InputError, OutputError
+from nidask.io.files import read_json_object
 
 #: BIDS version the derivative ``dataset_description.json`` declares.
 BIDS_VERSION = "1.10.0"
@@ -210,7 +211,7 @@ def sidecar_metadata(path) -> dict:
     """
     metadata = {}
     for sidecar in reversed(_applicable(path, ".json")):
-        metadata.update(_read_json(sidecar))
+        metadata.update(read_json_object(sidecar))
     return metadata
 
 
@@ -291,7 +292,7 @@ def find_sidecars(path, derivatives=None) -> dict:
     elif suffix in TIMING_KEYS:
         keyword, required = TIMING_KEYS[suffix]
         for sidecar in _applicable(path, ".json", root):
-            if required in _read_json(sidecar):
+            if required in read_json_object(sidecar):
                 found[keyword] = os.fspath(sidecar)
                 break
         else:
@@ -302,18 +303,6 @@ def find_sidecars(path, derivatives=None) -> dict:
     if mask is not None:
         found["brainmask_file"] = os.fspath(mask)
     return found
-
-
-def _read_json(path) -> dict:
-    """One JSON sidecar's content (an object), or an :class:`InputError` naming it."""
-    try:
-        with open(path) as f:
-            content = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"not a readable JSON file ({exc})", path) from exc
-    if not isinstance(content, dict):
-        raise InputError("a JSON sidecar must hold an object", path)
-    return content
 
 
 def _label(label: str) -> str:

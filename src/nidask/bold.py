@@ -10,16 +10,13 @@ JSON sidecar, or the NIfTI header's time step when there is no sidecar.
 
 from __future__ import annotations
 
-import json
-import os
-
 import attrs
 import numpy as np
 
-from nidask.dataset import BaseDataset, load_mask
+from nidask.dataset import BaseDataset, open_series
 from nidask.errors import InputError
 from nidask.io.cache import Cache
-from nidask.io.sources import check_readable, open_source
+from nidask.io.files import read_json_object
 
 
 def _optional_array(value):
@@ -104,14 +101,7 @@ class BOLD(BaseDataset):
 
 def read_sidecar(path) -> dict:
     """``repetition_time`` and ``slice_timing`` from a BIDS BOLD JSON sidecar."""
-    path = check_readable(path)
-    try:
-        with open(path) as f:
-            sidecar = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"not a valid JSON file ({exc})", path) from exc
-    if not isinstance(sidecar, dict):
-        raise InputError("sidecar is not a JSON object", path)
+    sidecar = read_json_object(path)
     if "RepetitionTime" not in sidecar:
         raise InputError("sidecar has no RepetitionTime", path)
     values = {"repetition_time": sidecar["RepetitionTime"]}
@@ -158,13 +148,8 @@ def from_nii(
         Seconds per volume; wins over the sidecar.  Without either, the NIfTI
         header's time step is used.
     """
-    cache = cache or Cache()
-    source = open_source(filename, cache=cache)
-    inputs = [source.path]
-    timing = {}
-    if json_file is not None:
-        timing = read_sidecar(json_file)
-        inputs.append(os.path.abspath(json_file))
+    timing = {} if json_file is None else read_sidecar(json_file)
+    source, fields = open_series(filename, brainmask_file, (json_file,), cache=cache)
     if repetition_time is not None:
         timing["repetition_time"] = repetition_time
     timing.setdefault("repetition_time", _header_repetition_time(source))
@@ -172,20 +157,8 @@ def from_nii(
         raise InputError(
             "no repetition time: give a BIDS JSON sidecar or repetition_time", filename
         )
-    mask = None
-    if brainmask_file is not None:
-        mask = load_mask(brainmask_file, source.shape[:3])
-        inputs.append(os.path.abspath(brainmask_file))
     try:
-        return BOLD(
-            dataobj=source.to_dask(),
-            affine=getattr(source, "affine", np.eye(4)),
-            brainmask=mask,
-            datahdr=getattr(source, "header", None),
-            cache=cache,
-            inputs=tuple(inputs),
-            **timing,
-        )
+        return BOLD(**fields, **timing)
     except InputError as exc:
         if exc.path is None:
             raise InputError(exc.problem, json_file or filename) from exc

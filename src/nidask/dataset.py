@@ -602,6 +602,31 @@ def load_mask(path, shape3d: tuple[int, ...], what: str = "brain mask") -> np.nd
         return source[:, :, :, 0:1][..., 0] != 0
 
 
+def open_series(filename, brainmask_file=None, companions=(), *, cache: Cache | None = None):
+    """Open a 4D file lazily: ``(source, fields)`` for a :class:`BaseDataset` (sub)class.
+
+    ``fields`` holds ``dataobj``, ``affine``, ``brainmask`` (read from
+    ``brainmask_file``), ``datahdr``, ``cache`` and ``inputs``: the file, the
+    ``companions`` it was read with and the mask, which outputs must never replace.
+    """
+    cache = cache or Cache()
+    source = open_source(filename, cache=cache)
+    inputs = [source.path, *(os.path.abspath(f) for f in companions if f is not None)]
+    mask = None
+    if brainmask_file is not None:
+        mask = load_mask(brainmask_file, source.shape[:3])
+        inputs.append(os.path.abspath(brainmask_file))
+    fields = {
+        "dataobj": source.to_dask(),
+        "affine": getattr(source, "affine", np.eye(4)),
+        "brainmask": mask,
+        "datahdr": getattr(source, "header", None),
+        "cache": cache,
+        "inputs": tuple(inputs),
+    }
+    return source, fields
+
+
 def _array_or_none(value):
     if value is None or isinstance(value, da.Array | np.ndarray):
         return value

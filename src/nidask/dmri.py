@@ -17,7 +17,7 @@ import dask.array as da
 import numpy as np
 
 from nidask.config import b0_threshold
-from nidask.dataset import BaseDataset, interleave_volumes, load_mask, take_volumes
+from nidask.dataset import BaseDataset, interleave_volumes, open_series, take_volumes
 from nidask.errors import InputError
 from nidask.io.cache import Cache
 from nidask.io.sources import check_readable, open_source
@@ -629,9 +629,10 @@ def from_nii(
         With the b=0 volumes removed from ``dataobj`` (deferred) and
         ``original_index`` mapping each remaining volume to the file.
     """
-    cache = cache or Cache()
-    source = open_source(filename, cache=cache)
-    data = source.to_dask()
+    # the gradient files too: a .bval/.bvec written beside an output must not replace them
+    gradient_files = (gradients_file,) if gradients_file is not None else (bvec_file, bval_file)
+    source, fields = open_series(filename, brainmask_file, gradient_files, cache=cache)
+    data = fields.pop("dataobj")
     table = read_gradients(bvec_file, bval_file, gradients_file, n_volumes=source.shape[3])
     keep, bzero = split_b0(data, table)
     if keep.size == 0:
@@ -642,33 +643,22 @@ def from_nii(
             f"{b0_threshold():g} (nidask.b0-threshold)",
             source.path,
         )
-    # the gradient files too: a .bval/.bvec written beside an output must not replace them
-    gradient_files = (gradients_file,) if gradients_file is not None else (bvec_file, bval_file)
-    inputs = [source.path, *(os.path.abspath(f) for f in gradient_files)]
     if b0_file is not None:
-        b0_source = open_source(b0_file, cache=cache)
+        b0_source = open_source(b0_file, cache=fields["cache"])
         if b0_source.shape[:3] != source.shape[:3] or b0_source.shape[3] != 1:
             raise InputError(
                 f"b=0 file shape {b0_source.shape[:3]} differs from the series {source.shape[:3]}",
                 b0_source.path,
             )
         bzero = b0_source.to_dask()[..., 0].astype(np.float32)
-        inputs.append(b0_source.path)
-    mask = None
-    if brainmask_file is not None:
-        mask = load_mask(brainmask_file, source.shape[:3])
-        inputs.append(os.path.abspath(brainmask_file))
+        fields["inputs"] += (b0_source.path,)
     b0_index = np.setdiff1d(np.arange(len(table)), keep)
     return DWI(
         dataobj=take_volumes(data, keep) if keep.size < len(table) else data,
         b0s=take_volumes(data, b0_index) if b0_index.size else None,
         b0_index=b0_index if b0_index.size else None,
-        affine=source.affine if hasattr(source, "affine") else np.eye(4),
-        brainmask=mask,
-        datahdr=getattr(source, "header", None),
         original_index=keep,
         gradients=table[keep],
         bzero=bzero,
-        cache=cache,
-        inputs=tuple(inputs),
+        **fields,
     )

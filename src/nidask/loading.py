@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
-import numpy as np
-
 from nidask import bold, dmri, pet  # noqa: F401  (the modalities register themselves)
-from nidask.dataset import MODALITIES, BaseDataset, load_mask, open_nfdh5
+from nidask.dataset import MODALITIES, BaseDataset, open_nfdh5, open_series
 from nidask.errors import InputError
-from nidask.io.cache import Cache
-from nidask.io.sources import check_readable, is_hdf5, open_source
+from nidask.io.sources import check_readable, is_hdf5
 
 
 def load(path, **kwargs) -> BaseDataset:
@@ -42,18 +37,4 @@ def load(path, **kwargs) -> BaseDataset:
     unknown = set(kwargs) - {"brainmask_file"}
     if unknown:
         raise InputError(f"unexpected arguments: {sorted(unknown)}", path)
-    cache = Cache()
-    source = open_source(path, cache=cache)
-    mask = None
-    inputs = [path]
-    if kwargs.get("brainmask_file") is not None:
-        mask = load_mask(kwargs["brainmask_file"], source.shape[:3])
-        inputs.append(os.path.abspath(kwargs["brainmask_file"]))
-    return BaseDataset(
-        dataobj=source.to_dask(),
-        affine=getattr(source, "affine", np.eye(4)),
-        brainmask=mask,
-        datahdr=getattr(source, "header", None),
-        cache=cache,
-        inputs=tuple(inputs),
-    )
+    return BaseDataset(**open_series(path, kwargs.get("brainmask_file"))[1])

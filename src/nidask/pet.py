@@ -8,16 +8,13 @@ the first frame starts at 0.
 
 from __future__ import annotations
 
-import json
-import os
-
 import attrs
 import numpy as np
 
-from nidask.dataset import BaseDataset, load_mask
+from nidask.dataset import BaseDataset, open_series
 from nidask.errors import InputError
 from nidask.io.cache import Cache
-from nidask.io.sources import check_readable, open_source
+from nidask.io.files import read_json_object
 
 
 def temporal_markers(
@@ -56,13 +53,8 @@ def temporal_markers(
 
 def read_timing(path) -> tuple[np.ndarray, float]:
     """Read a BIDS PET sidecar and return ``(midframe, total_duration)``."""
-    path = check_readable(path)
-    try:
-        with open(path) as f:
-            sidecar = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"not a valid JSON file ({exc})", path) from exc
-    if not isinstance(sidecar, dict) or "FrameTimesStart" not in sidecar:
+    sidecar = read_json_object(path)
+    if "FrameTimesStart" not in sidecar:
         raise InputError("sidecar has no FrameTimesStart", path)
     try:
         return temporal_markers(sidecar["FrameTimesStart"], sidecar.get("FrameDuration"), path)
@@ -151,26 +143,11 @@ def from_nii(filename, temporal_file=None, brainmask_file=None, *, cache: Cache 
     """
     if temporal_file is None:
         raise InputError("a PET series needs a temporal_file (BIDS JSON sidecar)", filename)
-    cache = cache or Cache()
-    source = open_source(filename, cache=cache)
     midframe, total = read_timing(temporal_file)
+    source, fields = open_series(filename, brainmask_file, (temporal_file,), cache=cache)
     if midframe.size != source.shape[3]:
         raise InputError(
             f"sidecar describes {midframe.size} frames but the series has {source.shape[3]}",
             temporal_file,
         )
-    inputs = [source.path, os.path.abspath(temporal_file)]
-    mask = None
-    if brainmask_file is not None:
-        mask = load_mask(brainmask_file, source.shape[:3])
-        inputs.append(os.path.abspath(brainmask_file))
-    return PET(
-        dataobj=source.to_dask(),
-        affine=getattr(source, "affine", np.eye(4)),
-        brainmask=mask,
-        datahdr=getattr(source, "header", None),
-        midframe=midframe,
-        total_duration=total,
-        cache=cache,
-        inputs=tuple(inputs),
-    )
+    return PET(**fields, midframe=midframe, total_duration=total)

@@ -32,6 +32,7 @@ from nibabel.spatialimages import HeaderDataError, HeaderTypeError, ImageDataErr
 from nidask.config import volume_chunks, volumes_per_chunk
 from nidask.errors import InputError
 from nidask.geometry import check_affine
+from nidask.io.files import check_readable  # noqa: F401  (re-exported)
 from nidask.io.npy import read_npy_header
 
 COPY_BLOCK = 16 * 2**20
@@ -74,18 +75,6 @@ def volume_runs(positions) -> list[np.ndarray]:
     """
     positions = np.asarray(positions, dtype=np.intp).reshape(-1)
     return np.split(positions, np.flatnonzero(np.diff(positions) != 1) + 1)
-
-
-def check_readable(path: str | os.PathLike) -> str:
-    """Return ``path`` as an absolute string; raise if it is missing or unreadable."""
-    path = os.path.abspath(os.fspath(path))
-    if not os.path.exists(path):
-        raise InputError("file not found", path)
-    if os.path.isdir(path):
-        raise InputError("is a directory, not a file", path)
-    if not os.access(path, os.R_OK):
-        raise InputError("file is not readable (permission denied)", path)
-    return path
 
 
 def _normalize_index(index, ndim: int) -> tuple:
