@@ -2,7 +2,7 @@
 
     python benchmarks/_nidask_task.py TASK --nii IN.nii --bvec F --bval F --out OUTDIR \
         [--chunk-size 64MiB] [--workers N] [--cache-dir DIR] [--matrices M.npy] \
-        [--order N] [--ext .nii|.nii.gz]
+        [--order N] [--ext .nii|.nii.gz] [--model M] [--temporal F] [--mask F] [--passes N]
 
 Tasks (each prints exactly one JSON line on stdout):
 
@@ -15,6 +15,10 @@ Tasks (each prints exactly one JSON line on stdout):
     lofo_sweep          ``from_nii``, ``Estimator(model=--model).sweep`` (every fold's
                         fit + predict, no registration) in OUTDIR/run; then the
                         predictions alone again (``sweep_s``)
+    estimate            ``nidask.load(--nii, companions)``, then
+                        ``Estimator(model=--model).run`` in OUTDIR/run; saves the
+                        whole series' matrices (file order, b=0 included) to
+                        OUTDIR/motion.npy and their file positions to OUTDIR/index.npy
 
 Every line carries ``task``, ``wall_s`` (the work only: open + operation, imports
 excluded), ``maxrss_mb`` (peak RSS of this process) and ``baseline_mb`` (peak RSS right
@@ -42,6 +46,7 @@ TASKS = (
     "to_nifti",
     "resampled_to_nifti",
     "lofo_sweep",
+    "estimate",
 )
 
 
@@ -63,12 +68,28 @@ def _import_nidask() -> None:
     import scipy.ndimage  # noqa: F401
 
     import nidask  # noqa: F401
-    import nidask.estimator  # noqa: F401
-    import nidask.export  # noqa: F401
-    import nidask.nfdh5  # noqa: F401
-    import nidask.nifti  # noqa: F401
-    import nidask.resample  # noqa: F401
-    import nidask.store  # noqa: F401
+
+    for module in (
+        "estimation.estimator",
+        "export",
+        "io.nfdh5",
+        "io.nifti",
+        "io.store",
+        "ops.resample",
+    ):
+        import_nidask_module(module)
+
+
+def import_nidask_module(name: str):
+    """``nidask.<name>`` (e.g. ``io.nifti``), or its flat pre-subpackage path (``nifti``)."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"nidask.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name not in (f"nidask.{name}", f"nidask.{name.split('.')[0]}"):
+            raise  # the module exists but something it imports does not
+        return importlib.import_module(f"nidask.{name.rsplit('.', 1)[-1]}")
 
 
 def _load(args):
@@ -165,7 +186,8 @@ def task_lofo_sweep(args) -> dict:
     import numpy as np
 
     import nidask
-    from nidask.lofo import read_column
+
+    read_column = import_nidask_module("estimation.lofo").read_column
 
     workdir = os.path.join(_outdir(args), "run")
     t0 = time.perf_counter()
@@ -193,6 +215,57 @@ def task_lofo_sweep(args) -> dict:
         }
 
 
+def task_estimate(args) -> dict:
+    """Motion estimation end to end: open the series, run every pass, save the matrices.
+
+    ``--bvec``/``--bval`` make a DWI, ``--temporal`` a PET, neither a plain series;
+    ``--mask`` is the brain mask.  The time covers the open and the run.
+    """
+    import numpy as np
+
+    import nidask
+
+    companions = {
+        key: value
+        for key, value in (
+            ("bvec_file", args.bvec),
+            ("bval_file", args.bval),
+            ("temporal_file", args.temporal),
+            ("json_file", args.sidecar),
+            ("brainmask_file", args.mask),
+        )
+        if value
+    }
+    out = _outdir(args)
+    dataset = nidask.load(args.nii, **companions)
+    options = {} if args.passes is None else {"passes": args.passes}
+    # "a,b": one model per pass (the last one repeats)
+    model = args.model.split(",") if "," in args.model else args.model
+    estimator = nidask.Estimator(model=model, **options)
+    result = estimator.run(dataset, workdir=os.path.join(out, "run"))
+    whole = result.whole_series()
+    motion, index = os.path.join(out, "motion.npy"), os.path.join(out, "index.npy")
+    np.save(motion, np.asarray(whole.motion_affines, dtype=np.float64))
+    np.save(index, np.asarray(whole.original_index, dtype=np.int64))
+    report = estimator.report or {}
+    flags: dict[str, int] = {}
+    for volume in report.get("volumes", []):
+        for flag in volume.get("flags", []):
+            flags[flag] = flags.get(flag, 0) + 1
+    return {
+        "model": args.model,
+        "dataset": type(dataset).__name__,
+        "n_volumes": len(whole),
+        "passes": [
+            {"pass": p["pass"], "largest_change_mm": round(p["largest_change_mm"], 4)}
+            for p in report.get("passes", [])
+        ],
+        "flags": flags,
+        "motion": motion,
+        "index": index,
+    }
+
+
 # ------------------------------------------------------------------------------ cli
 
 
@@ -210,7 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--order", type=int, default=3, help="interpolation order (default 3)")
     p.add_argument("--ext", default=".nii", choices=(".nii", ".nii.gz"))
     p.add_argument("--index", type=int, default=0, help="volume for open_one_volume")
-    p.add_argument("--model", default="average", help="Estimator model for lofo_sweep")
+    p.add_argument("--model", default="average", help="Estimator model (lofo_sweep, estimate)")
+    p.add_argument("--temporal", help="PET frame timing JSON (estimate)")
+    p.add_argument("--mask", help="brain mask NIfTI (estimate)")
+    p.add_argument("--sidecar", help="BOLD JSON sidecar with RepetitionTime (estimate)")
+    p.add_argument("--passes", type=int, help="Estimator passes (estimate; default nidask's)")
     return p
 
 

@@ -4,6 +4,8 @@
                              [--suites io,resample,lofo] [--skip-peer]
                              [--out benchmarks/results/latest.json]
     python benchmarks/run.py --sizes 1GB,4GB        # flat-memory check, nidask only
+    python benchmarks/run.py --suites estimate [--estimate-size small|medium]
+                                                    # motion accuracy (estimate_suite.py)
 
 The series is generated once (int16 NIfTI, ``--b0`` b=0 volumes first, ``.bvec`` /
 ``.bval``, streamed by :func:`nidask.phantom.write_series`) into a work directory
@@ -38,12 +40,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SRC = ROOT / "src"
-if importlib.util.find_spec("nidask") is None:  # a checkout without an install
-    sys.path.insert(0, str(SRC))
+# NIDASK_BENCH_SRC: a copy of src/ to measure instead (e.g. a snapshot taken while
+# others edit the checkout); it goes first on sys.path here and in the nidask children
+SRC = Path(os.environ.get("NIDASK_BENCH_SRC") or ROOT / "src").resolve()
+if os.environ.get("NIDASK_BENCH_SRC") or importlib.util.find_spec("nidask") is None:
+    sys.path.insert(0, str(SRC))  # a snapshot, or a checkout without an install
 
 import numpy as np  # noqa: E402
 from dask.utils import parse_bytes  # noqa: E402
+
+import estimate_suite  # noqa: E402  (benchmarks/, on sys.path as the script's directory)
 
 NIDASK_TASK = HERE / "_nidask_task.py"
 PEER_TASK = HERE / "peer_nifreeze.py"
@@ -175,14 +181,16 @@ def run_child(cmd: list[str], env: dict, repeat: int = 1) -> dict:
     return best
 
 
-def find_peer_python(explicit: str | None) -> str | None:
+def find_peer_python(explicit: str | None, ants: bool = False) -> str | None:
     """The nifreeze venv's python: ``--peer-python``, else ``setup_peer_env.sh``'s answer.
 
-    The setup script honours ``NIDASK_PEER_VENV`` and reuses an existing venv.
+    The setup script honours ``NIDASK_PEER_VENV`` and reuses an existing venv;
+    ``ants`` adds ANTs to it (``NIDASK_PEER_ANTS=1``, for the estimate suite).
     """
     if explicit:
         return explicit
-    proc = subprocess.run(["bash", str(PEER_SETUP)], capture_output=True, text=True)
+    env = estimate_suite.peer_setup_env() if ants else None
+    proc = subprocess.run(["bash", str(PEER_SETUP)], capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not proc.stdout.strip():
         print(f"warning: peer environment unavailable:\n{proc.stderr}", file=sys.stderr)
         return None
@@ -197,7 +205,7 @@ class Context:
     """Everything a suite needs: options, the series, child runners, and the results."""
 
     args: argparse.Namespace
-    series: Series
+    series: Series | None  # None when only the estimate suite runs (it makes its own)
     work: Path
     peer_python: str | None
     rows: list[dict] = field(default_factory=list)
@@ -494,6 +502,7 @@ SUITES: dict[str, Callable[[Context], None]] = {
     "io": suite_io,
     "resample": suite_resample,
     "lofo": suite_lofo,
+    "estimate": estimate_suite.suite_estimate,
 }
 
 
@@ -600,7 +609,10 @@ def compare_outputs(a_path: str, b_path: str, affine, matrices, margin: float = 
     """
     import nibabel as nb
 
-    from nidask.resample import voxel_matrices
+    try:
+        from nidask.ops.resample import voxel_matrices
+    except ModuleNotFoundError:  # before the io/ops/estimation layout
+        from nidask.resample import voxel_matrices
 
     a = nb.load(a_path, mmap=False)
     b = nb.load(b_path, mmap=False)
@@ -721,12 +733,27 @@ def _versions(peer_python: str | None) -> dict:
     except OSError:
         commit = ""
     ours["nidask_commit"] = commit or None
+    ours["nidask_src"] = str(Path(nidask.__file__).resolve().parent.parent)
+    try:
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        dirty = ""
+    ours["src_uncommitted_changes"] = bool(dirty)
     peer = None
     if peer_python:
         code = (
-            "import json, platform; from importlib.metadata import version as v; "
+            "import json, platform; from importlib import metadata\n"
+            "def v(n):\n"
+            "    try:\n"
+            "        return metadata.version(n)\n"
+            "    except metadata.PackageNotFoundError:\n"
+            "        return None\n"
             "print(json.dumps({'python': platform.python_version(), **{n: v(n) for n in "
-            "('nifreeze', 'numpy', 'scipy', 'nibabel', 'nitransforms', 'h5py')}}))"
+            "('nifreeze', 'numpy', 'scipy', 'nibabel', 'nitransforms', 'h5py', 'antspyx')}}))"
         )
         proc = subprocess.run([peer_python, "-c", code], capture_output=True, text=True)
         peer = json.loads(proc.stdout) if proc.returncode == 0 else {"error": proc.stderr}
@@ -788,6 +815,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="parent of the work directory (default: temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the generated files")
+    p.add_argument(
+        "--estimate-size",
+        choices=sorted(estimate_suite.SIZES),
+        default="medium",
+        help="series sizes of the estimate suite (default medium; small: a quick check)",
+    )
+    p.add_argument(
+        "--estimate-series",
+        type=_list,
+        default=[key for key, _ in estimate_suite.GENERATORS],
+        help="series of the estimate suite, comma-separated (default: "
+        + ",".join(key for key, _ in estimate_suite.GENERATORS)
+        + ")",
+    )
     return p
 
 
@@ -796,10 +837,23 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
         raise SystemExit(f"unknown suite(s) {unknown}; choose from {sorted(SUITES)}")
+    known = [key for key, _ in estimate_suite.GENERATORS]
+    unknown = [s for s in args.estimate_series if s not in known]
+    if unknown:
+        raise SystemExit(f"unknown estimate series {unknown}; choose from {known}")
     parse_bytes(args.chunk_size)
-    default_out = "latest_sizes.json" if args.sizes else "latest.json"
+    estimate_only = args.suites == ["estimate"]
+    default_out = (
+        "latest_sizes.json"
+        if args.sizes
+        else ("latest_estimate.json" if estimate_only else "latest.json")
+    )
     out = Path(args.out) if args.out else HERE / "results" / default_out
-    peer_python = None if (args.skip_peer or args.sizes) else find_peer_python(args.peer_python)
+    peer_python = (
+        None
+        if (args.skip_peer or args.sizes)
+        else find_peer_python(args.peer_python, ants="estimate" in args.suites)
+    )
 
     base = args.workdir or tempfile.gettempdir()
     os.makedirs(base, exist_ok=True)
@@ -809,6 +863,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": _machine(),
         **_versions(peer_python),
+        "suites": args.suites,
         "shape": list(args.shape),
         "b0": args.b0,
         "chunk_size": args.chunk_size,
@@ -824,15 +879,20 @@ def main(argv: list[str] | None = None) -> int:
             meta["sizes"] = args.sizes
             results = run_sizes(args, work, meta)
         else:
-            t0 = time.perf_counter()
-            series = generate_series(work / "series", args.shape, args.b0, args.seed)
-            meta["series_mb"] = round(series.volume_bytes * series.shape[3] / MB, 1)
-            meta["dw_mb"] = round(series.dw_bytes / MB, 1)
-            print(
-                f"generated {series.shape} int16 ({meta['series_mb']:.0f} MB) "
-                f"in {time.perf_counter() - t0:.1f} s; work dir {work}",
-                file=sys.stderr,
-            )
+            series = None
+            if set(args.suites) - {"estimate"}:  # the estimate suite makes its own series
+                t0 = time.perf_counter()
+                series = generate_series(work / "series", args.shape, args.b0, args.seed)
+                meta["series_mb"] = round(series.volume_bytes * series.shape[3] / MB, 1)
+                meta["dw_mb"] = round(series.dw_bytes / MB, 1)
+                print(
+                    f"generated {series.shape} int16 ({meta['series_mb']:.0f} MB) "
+                    f"in {time.perf_counter() - t0:.1f} s; work dir {work}",
+                    file=sys.stderr,
+                )
+            if "estimate" in args.suites:
+                meta["estimate_size"] = args.estimate_size
+                meta["estimate_series"] = args.estimate_series
             ctx = Context(args, series, work, peer_python)
             for name in args.suites:
                 print(f"suite {name}", file=sys.stderr)
@@ -852,12 +912,19 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
 
     m = results["meta"]
+    series = "" if estimate_only else f"shape {m['shape']}, b0 {m['b0']}, "
     print(
         f"\nnidask benchmarks {m['date']} - {m['machine']['cores']} cores, "
-        f"shape {m['shape']}, b0 {m['b0']}, chunk {m['chunk_size']}, workers {m['workers']}, "
+        f"{series}chunk {m['chunk_size']}, workers {m['workers']}, "
         f"load average {m['loadavg_at_start'][0]} -> {m['loadavg_at_end'][0]}\n"
     )
-    print(markdown_table(results["rows"]))
+    rows = [r for r in results["rows"] if r["suite"] != "estimate"]
+    estimate_rows = [r for r in results["rows"] if r["suite"] == "estimate"]
+    if rows or not estimate_rows:
+        print(markdown_table(rows))
+    if estimate_rows:
+        print(f"\nmotion estimation ({m.get('estimate_size')} series)\n")
+        print(estimate_suite.estimate_table(estimate_rows, results["notes"].get("estimate")))
     if results["targets"]:
         print()
         print(targets_table(results["targets"]))
