@@ -137,11 +137,12 @@ def run_participants(
         start = time.perf_counter()
         try:
             facts = estimate_series(source, out_dir, make_estimator, client)
-        except (NidaskError, OSError, ValueError) as exc:
+        except Exception as exc:  # one series' failure must not stop the others
+            message = str(exc) if isinstance(exc, NidaskError) else f"{type(exc).__name__}: {exc}"
             results.append(
-                SeriesResult(name, "failed", time.perf_counter() - start, message=str(exc))
+                SeriesResult(name, "failed", time.perf_counter() - start, message=message)
             )
-            say(f"[{number}/{len(series)}] {name}: FAILED: {exc}")
+            say(f"[{number}/{len(series)}] {name}: FAILED: {message}")
             continue
         results.append(SeriesResult(name, "done", time.perf_counter() - start, **facts))
     return results
