@@ -48,7 +48,10 @@ class BOLD(BaseDataset):
         super().__attrs_post_init__()
         if self.repetition_time is None:
             raise InputError("a BOLD series needs its repetition_time")
-        self.repetition_time = float(np.asarray(self.repetition_time))
+        tr = np.asarray(self.repetition_time, dtype=float)
+        if tr.size != 1:
+            raise InputError(f"repetition_time must be a number, got shape {tr.shape}")
+        self.repetition_time = float(tr.reshape(()))
         if not np.isfinite(self.repetition_time) or self.repetition_time <= 0:
             raise InputError(f"repetition_time must be positive, got {self.repetition_time}")
         timing = self.slice_timing

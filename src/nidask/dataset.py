@@ -588,6 +588,8 @@ def open_nfdh5(filename, *, cache: Cache | None = None) -> BaseDataset:
         if exc.path is None:
             raise InputError(exc.problem, stored.path) from exc
         raise
+    except (TypeError, ValueError) as exc:  # a field of the wrong kind in a hostile file
+        raise InputError(f"malformed {cls.__name__} fields ({exc})", stored.path) from exc
 
 
 def load_mask(path, shape3d: tuple[int, ...], what: str = "brain mask") -> np.ndarray:

@@ -89,11 +89,16 @@ class PET(BaseDataset):
         if self.midframe is None or self.total_duration is None:
             raise InputError("a PET dataset needs midframe and total_duration")
         self.midframe = np.asarray(self.midframe, dtype=float).ravel()
-        self.total_duration = float(np.asarray(self.total_duration))
+        duration = np.asarray(self.total_duration, dtype=float)
+        if duration.size != 1 or not np.isfinite(duration).all():
+            raise InputError(f"total_duration must be a finite number, got {duration.tolist()}")
+        self.total_duration = float(duration.reshape(()))
         if self.midframe.shape != (len(self),):
             raise InputError(
                 f"midframe has {self.midframe.size} entries but the series has {len(self)} frames"
             )
+        if not np.all(np.isfinite(self.midframe)):
+            raise InputError("midframe must hold finite numbers")
         if self.total_duration <= self.midframe.max():
             raise InputError(
                 f"total_duration {self.total_duration} must exceed the last midframe "
