@@ -58,9 +58,14 @@ def _largest_motion_mm(whole) -> float:
     )
 
 
-def estimate_series(source: str, out_dir: str, make_estimator: Callable, client=None) -> dict:
-    """Estimate one BIDS series and write its derivatives; returns facts for the summary."""
-    paths = bids.derivative_paths(source, out_dir)
+def estimate_series(
+    source: str, out_dir: str, make_estimator: Callable, client=None, paths=None
+) -> dict:
+    """Estimate one BIDS series and write its derivatives; returns facts for the summary.
+
+    ``paths`` are the series' :func:`nidask.bids.derivative_paths` (found if not given).
+    """
+    paths = paths or bids.derivative_paths(source, out_dir)
     work = os.path.join(out_dir, WORK_FOLDER, os.path.basename(paths["series"]))
     os.makedirs(paths["dir"], exist_ok=True)
     with load(source, **bids.find_sidecars(source)) as dataset:
@@ -129,14 +134,15 @@ def run_participants(
     results = []
     for number, source in enumerate(series, 1):
         name = os.path.relpath(source, bids_dir)
-        if all(os.path.exists(p) for p in _outputs(bids.derivative_paths(source, out_dir))):
+        paths = bids.derivative_paths(source, out_dir)
+        if all(os.path.exists(p) for p in _outputs(paths)):
             results.append(SeriesResult(name, "skipped", message="outputs already present"))
             say(f"[{number}/{len(series)}] {name}: outputs present, skipped")
             continue
         say(f"[{number}/{len(series)}] {name}: estimating")
         start = time.perf_counter()
         try:
-            facts = estimate_series(source, out_dir, make_estimator, client)
+            facts = estimate_series(source, out_dir, make_estimator, client, paths)
         except Exception as exc:  # one series' failure must not stop the others
             message = str(exc) if isinstance(exc, NidaskError) else f"{type(exc).__name__}: {exc}"
             results.append(

@@ -49,6 +49,24 @@ _BUILD_LOCK = threading.Lock()
 
 
 @functools.cache
+def _mirror_kernel():
+    """Compiled mirror extension of a grid index (scipy's ``mode="mirror"``)."""
+    import numba
+
+    @numba.njit(nogil=True, cache=False, inline="always")
+    def _mirror(index, n):  # pragma: no cover - compiled
+        if n == 1:
+            return 0
+        if index < 0:
+            index = -index
+        period = 2 * n - 2
+        index = index % period
+        return period - index if index >= n else index
+
+    return _mirror
+
+
+@functools.cache
 def _build():
     import numba
 
@@ -69,15 +87,7 @@ def _build():
         c11 = volume[x0, y1, z1] * (1 - fx) + volume[x1, y1, z1] * fx
         return (c00 * (1 - fy) + c10 * fy) * (1 - fz) + (c01 * (1 - fy) + c11 * fy) * fz
 
-    @numba.njit(nogil=True, cache=False, inline="always")
-    def _mirror(index, n):  # pragma: no cover - compiled
-        if n == 1:
-            return 0
-        if index < 0:
-            index = -index
-        period = 2 * n - 2
-        index = index % period
-        return period - index if index >= n else index
+    _mirror = _mirror_kernel()
 
     @numba.njit(nogil=True, cache=False, inline="always")
     def _support(c, n, weights, indices):  # pragma: no cover - compiled
@@ -215,15 +225,7 @@ def _build_sampler():
             else:
                 gradient[p, 2] = 0.0
 
-    @numba.njit(nogil=True, cache=False, inline="always")
-    def _mirror(index, n):  # pragma: no cover - compiled
-        if n == 1:
-            return 0
-        if index < 0:
-            index = -index
-        period = 2 * n - 2
-        index = index % period
-        return period - index if index >= n else index
+    _mirror = _mirror_kernel()
 
     @numba.njit(nogil=True, cache=False, inline="always")
     def _cubic_axis(c, n, weights, slopes, indices):  # pragma: no cover - compiled
