@@ -36,7 +36,7 @@ import os
 import sys
 import time
 
-from _peak import maxrss_mb
+from _peak import maxrss_mb, reset_peak
 
 TASKS = (
     "copy",
@@ -100,6 +100,14 @@ def _load(args):
 
 def _data_bytes(ds) -> int:
     return int(ds.dataobj.size * ds.dataobj.dtype.itemsize)
+
+
+def _tree_mb(path: str) -> float:
+    """Disk use (MiB) of the files under ``path``."""
+    total = 0
+    for root, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return round(total / 2**20, 1)
 
 
 def _outdir(args) -> str:
@@ -242,7 +250,20 @@ def task_estimate(args) -> dict:
     # "a,b": one model per pass (the last one repeats)
     model = args.model.split(",") if "," in args.model else args.model
     estimator = nidask.Estimator(model=model, **options)
-    result = estimator.run(dataset, workdir=os.path.join(out, "run"))
+    workdir = os.path.join(out, "run")
+    if args.cluster_workers:
+        from distributed import Client, LocalCluster
+
+        # one single-threaded process per worker; the run's memory is in the workers
+        cluster = LocalCluster(
+            n_workers=args.cluster_workers, threads_per_worker=1, processes=True
+        )
+        with cluster, Client(cluster) as client:
+            start = time.perf_counter()
+            result = estimator.run(dataset, client=client, workdir=workdir)
+            cluster_s = time.perf_counter() - start
+    else:
+        result = estimator.run(dataset, workdir=workdir)
     whole = result.whole_series()
     motion, index = os.path.join(out, "motion.npy"), os.path.join(out, "index.npy")
     np.save(motion, np.asarray(whole.motion_affines, dtype=np.float64))
@@ -252,7 +273,15 @@ def task_estimate(args) -> dict:
     for volume in report.get("volumes", []):
         for flag in volume.get("flags", []):
             flags[flag] = flags.get(flag, 0) + 1
+    extra = (
+        {"cluster_workers": args.cluster_workers, "run_s": cluster_s}
+        if args.cluster_workers
+        else {}
+    )
     return {
+        **extra,
+        "run_dir_mb": _tree_mb(workdir),
+        "cache_mb": _tree_mb(args.cache_dir) if args.cache_dir else None,
         "model": args.model,
         "dataset": type(dataset).__name__,
         "n_volumes": len(whole),
@@ -288,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", help="brain mask NIfTI (estimate)")
     p.add_argument("--sidecar", help="BOLD JSON sidecar with RepetitionTime (estimate)")
     p.add_argument("--passes", type=int, help="Estimator passes (estimate; default nidask's)")
+    p.add_argument("--cluster-workers", type=int, help="estimate on a LocalCluster of N processes")
+    p.add_argument(
+        "--warm",
+        action="store_true",
+        help="compile the kernels before the baseline (memory above it is data only)",
+    )
     return p
 
 
@@ -306,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
             "nidask.progress": False,
         }
         dask.config.set(config)
+    imports = maxrss_mb()
+    if args.warm and args.task != "copy":
+        import_nidask_module("ops.kernels").warm_up()
+        reset_peak()
     baseline = maxrss_mb()
 
     t0 = time.perf_counter()
@@ -317,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": round(wall, 6),
         "maxrss_mb": round(maxrss_mb(), 3),
         "baseline_mb": round(baseline, 3),
+        "imports_mb": round(imports, 3),
         "workers": config.get("num_workers"),
         "chunk_size": config.get("nidask.chunk-size"),
         **info,

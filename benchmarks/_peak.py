@@ -29,3 +29,13 @@ def maxrss_mb() -> float:
     # elsewhere ru_maxrss is the best there is (KiB on Linux, bytes on macOS)
     scale = 2**20 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+def reset_peak() -> bool:
+    """Restart ``VmHWM`` from the current RSS (Linux ``clear_refs``); whether it could."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

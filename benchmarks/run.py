@@ -6,6 +6,8 @@
     python benchmarks/run.py --sizes 1GB,4GB        # flat-memory check, nidask only
     python benchmarks/run.py --suites estimate [--estimate-size small|medium]
                                                     # motion accuracy (estimate_suite.py)
+    python benchmarks/run.py --suites estimate --shape 145,174,145,288
+                                                    # HCP scale (scale_suite.py)
 
 The series is generated once (int16 NIfTI, ``--b0`` b=0 volumes first, ``.bvec`` /
 ``.bval``, streamed by :func:`nidask.phantom.write_series`) into a work directory
@@ -50,6 +52,7 @@ import numpy as np  # noqa: E402
 from dask.utils import parse_bytes  # noqa: E402
 
 import estimate_suite  # noqa: E402  (benchmarks/, on sys.path as the script's directory)
+import scale_suite  # noqa: E402
 
 NIDASK_TASK = HERE / "_nidask_task.py"
 PEER_TASK = HERE / "peer_nifreeze.py"
@@ -502,7 +505,9 @@ SUITES: dict[str, Callable[[Context], None]] = {
     "io": suite_io,
     "resample": suite_resample,
     "lofo": suite_lofo,
-    "estimate": estimate_suite.suite_estimate,
+    "estimate": lambda ctx: (
+        scale_suite.suite_scale(ctx) if ctx.args.scale else estimate_suite.suite_estimate(ctx)
+    ),
 }
 
 
@@ -783,6 +788,9 @@ def _clean(path: Path) -> None:
 # ------------------------------------------------------------------------------ cli
 
 
+DEFAULT_SHAPE = (128, 128, 72, 150)
+
+
 def _shape(text: str) -> tuple[int, ...]:
     shape = tuple(int(v) for v in text.replace("x", ",").split(","))
     if len(shape) != 4 or min(shape) < 1:
@@ -798,7 +806,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    p.add_argument("--shape", type=_shape, default=(128, 128, 72, 150), help="X,Y,Z,N")
+    p.add_argument(
+        "--shape",
+        type=_shape,
+        help="X,Y,Z,N of the generated series (default 128,128,72,150); with --suites "
+        "estimate, the HCP-scale run (scale_suite.py), e.g. 145,174,145,288",
+    )
     p.add_argument("--b0", type=int, default=6, help="b=0 volumes at the start (default 6)")
     p.add_argument("--chunk-size", default="64MiB", help="nidask.chunk-size (default 64MiB)")
     p.add_argument("--suites", type=_list, default=["io", "resample", "lofo"])
@@ -829,11 +842,19 @@ def build_parser() -> argparse.ArgumentParser:
         + ",".join(key for key, _ in estimate_suite.GENERATORS)
         + ")",
     )
+    p.add_argument(
+        "--scale-parts",
+        type=_list,
+        default=["full", "flat", "ants", "cluster"],
+        help="parts of the HCP-scale run (scale_suite.py; default full,flat,ants,cluster)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.scale = args.shape is not None and "estimate" in args.suites
+    args.shape = args.shape or DEFAULT_SHAPE
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
         raise SystemExit(f"unknown suite(s) {unknown}; choose from {sorted(SUITES)}")
@@ -923,7 +944,8 @@ def main(argv: list[str] | None = None) -> int:
     if rows or not estimate_rows:
         print(markdown_table(rows))
     if estimate_rows:
-        print(f"\nmotion estimation ({m.get('estimate_size')} series)\n")
+        size = "HCP-scale" if args.scale else m.get("estimate_size")
+        print(f"\nmotion estimation ({size} series)\n")
         print(estimate_suite.estimate_table(estimate_rows, results["notes"].get("estimate")))
     if results["targets"]:
         print()

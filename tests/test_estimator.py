@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import nidask
-from nidask.estimation.estimator import Estimator, read_volume
+from nidask.estimation.estimator import Estimator, read_volume, sample_count
 from nidask.evaluation import motion_errors
 from nidask.phantom import make_dwi, make_hcp_like, make_pet
 
@@ -238,3 +238,11 @@ def test_fields_of_view_too_small_are_refused_and_small_ones_flagged(tmp_path):
     dwi = nidask.load(phantom.image, **phantom.companions)
     with pytest.raises(nidask.InputError, match="field of view too small"):
         Estimator(passes=1).run(dwi)
+
+
+def test_model_sample_stays_within_half_the_chunk_budget():
+    with dask.config.set({"nidask.chunk-size": "64MiB"}):
+        assert sample_count(288) == 20000  # 20,000 x 288 float32 is 23 MB
+        assert sample_count(2000) * 2000 * 4 <= 32 * 2**20 < (sample_count(2000) + 1) * 8000
+    with dask.config.set({"nidask.chunk-size": "1MiB"}):
+        assert sample_count(288) == 1000  # the floor a model needs

@@ -7,8 +7,14 @@ import pytest
 
 from nidask import phantom
 from nidask.errors import InputError
-from nidask.evaluation import motion_errors, rotation_angle
-from nidask.geometry import fov_center, rigid_matrix
+from nidask.estimation.registration import RigidRegistration
+from nidask.evaluation import (
+    bound_errors,
+    motion_errors,
+    registration_bound,
+    rotation_angle,
+)
+from nidask.geometry import fov_center, rigid_matrix, rigid_params
 
 SHAPE = (20, 22, 16)
 AFFINE = phantom.phantom_affine(SHAPE)
@@ -54,3 +60,59 @@ def test_rotation_angle_and_bad_input():
         motion_errors(_true(5), _true(6), AFFINE, SHAPE)
     with pytest.raises(InputError, match="stack"):
         motion_errors(np.eye(4), np.eye(4), AFFINE, SHAPE)
+
+
+def _smooth_head(seed=3, shape=(28, 30, 26), zooms=(3.0, 3.0, 3.0)):
+    from scipy import ndimage
+
+    labels = phantom.anatomy(shape, np.random.default_rng(seed))
+    volume = ndimage.gaussian_filter(labels.astype(float), 1.0) * 100
+    return volume, phantom.phantom_affine(shape, zooms), labels > 0
+
+
+def test_registration_bound_matches_the_spread_of_real_registrations():
+    volume, affine, mask = _smooth_head()
+    sigma = 4.0
+    covariance = registration_bound(volume, affine, sigma, mask)
+    rng = np.random.default_rng(0)
+    centre = fov_center(affine, volume.shape)
+    register = RigidRegistration()
+    estimates = np.array(
+        [
+            rigid_params(
+                register(volume, volume + rng.normal(0, sigma, volume.shape), affine, mask=mask),
+                center=centre,
+            )
+            for _ in range(30)
+        ]
+    )
+    # no unbiased registration beats the bound; one to the noise-free image nears it
+    spread = np.mean(estimates**2, axis=0)
+    bound = np.diag(covariance)
+    for part in (slice(0, 3), slice(3, 6)):
+        ratio = np.sqrt(spread[part].sum() / bound[part].sum())
+        assert 0.6 < ratio < 2.0, ratio
+    # halving the noise halves the bound; the voxel size enters through the affine
+    half = registration_bound(volume, affine, sigma / 2, mask)
+    np.testing.assert_allclose(half, covariance / 4, rtol=1e-9)
+    coarse = registration_bound(volume, affine @ np.diag([2.0, 2, 2, 1]), sigma, mask)
+    np.testing.assert_allclose(np.diag(coarse)[:3], 4 * bound[:3], rtol=1e-6)
+
+
+def test_bound_errors_summarise_draws_like_motion_errors():
+    covariance = np.diag([0.01**2] * 3 + [np.radians(0.1) ** 2] * 3)
+    summary = bound_errors(np.repeat(covariance[None], 50, axis=0), draws=400)
+    # |error| of an isotropic 3D Gaussian has median 1.538 sigma
+    assert summary["translation_mm_median"] == pytest.approx(0.01538, rel=0.05)
+    assert summary["rotation_deg_median"] == pytest.approx(0.1538, rel=0.05)
+    assert summary["translation_mm_max"] > 2 * summary["translation_mm_median"]
+
+
+def test_registration_bound_refuses_bad_input():
+    volume, affine, mask = _smooth_head()
+    with pytest.raises(InputError, match="sigma"):
+        registration_bound(volume, affine, 0.0)
+    with pytest.raises(InputError, match="mask shape"):
+        registration_bound(volume, affine, 1.0, mask[:-1])
+    with pytest.raises(InputError, match="covariances"):
+        bound_errors(np.eye(6))

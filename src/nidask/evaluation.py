@@ -25,7 +25,13 @@ import numpy as np
 from nidask.errors import InputError
 from nidask.geometry import fov_center, motion_parameters, rigid_matrix
 
-__all__ = ["common_offset", "motion_errors", "rotation_angle"]
+__all__ = [
+    "bound_errors",
+    "common_offset",
+    "motion_errors",
+    "registration_bound",
+    "rotation_angle",
+]
 
 
 def _stack(matrices, name: str) -> np.ndarray:
@@ -143,4 +149,101 @@ def motion_errors(estimated, true, affine, shape3d, *, align: bool = True, mask=
         "offset": offset,
         "offset_parameters": motion_parameters(offset, affine, shape3d),
         **extra,
+    }
+
+
+def registration_bound(volume, affine, sigma: float, mask=None) -> np.ndarray:
+    """Cramér–Rao bound of rigid registration: the best precision the data allow.
+
+    Registering a volume observed with white Gaussian noise of standard deviation
+    ``sigma`` to its own noise-free image (the best reference any estimator could
+    have) leaves an error whose covariance no unbiased method can beat:
+    ``inv(J.T @ J) * sigma**2``, where row ``x`` of ``J`` is the derivative of the
+    image at voxel ``x`` with respect to the six rigid parameters about the centre
+    of the field of view: ``grad I(x)`` for the translations, ``r(x) x grad I(x)``
+    for the rotations (``r`` the position relative to the centre).  Estimators that
+    register to a model prediction (itself noisy and imperfect) do worse.
+
+    Parameters
+    ----------
+    volume : array-like (X, Y, Z)
+        The noise-free volume.
+    affine : array-like (4, 4)
+        Voxel-to-RAS affine (mm).
+    sigma : float
+        Noise standard deviation, in the volume's units.
+    mask : array-like of bool (X, Y, Z), optional
+        The voxels that carry the estimate (default: all).
+
+    Returns
+    -------
+    ndarray (6, 6)
+        Covariance of ``(tx, ty, tz)`` in mm and ``(rx, ry, rz)`` in radians.
+
+    Examples
+    --------
+    A bright cube of 10 mm voxels, noise of 1 % of its contrast:
+
+    >>> cube = np.zeros((20, 20, 20)); cube[6:14, 5:15, 7:13] = 1.0
+    >>> cube = __import__("scipy").ndimage.gaussian_filter(cube, 1.0)
+    >>> cov = registration_bound(cube, np.diag([10.0, 10, 10, 1]), sigma=0.01)
+    >>> bool(np.sqrt(cov[0, 0]) < 0.1)  # about a hundredth of a voxel
+    True
+    """
+    volume = np.asarray(volume, dtype=np.float64)
+    affine = np.asarray(affine, dtype=float)
+    if volume.ndim != 3:
+        raise InputError(f"registration_bound needs a 3D volume, got shape {volume.shape}")
+    if not sigma > 0:
+        raise InputError(f"the noise sigma must be positive, got {sigma}")
+    mask = np.ones(volume.shape, bool) if mask is None else np.asarray(mask, dtype=bool)
+    if mask.shape != volume.shape:
+        raise InputError(f"mask shape {mask.shape} differs from the volume's {volume.shape}")
+    voxel_gradient = np.stack([g[mask] for g in np.gradient(volume)], axis=1)
+    # d/dx_world = inv(M).T d/dx_voxel, M the affine's linear part
+    gradient = voxel_gradient @ np.linalg.inv(affine[:3, :3])
+    position = (
+        np.argwhere(mask) @ affine[:3, :3].T + affine[:3, 3] - fov_center(affine, volume.shape)
+    )
+    jacobian = np.concatenate([gradient, np.cross(position, gradient)], axis=1)
+    information = jacobian.T @ jacobian / float(sigma) ** 2
+    return np.linalg.pinv(information)
+
+
+def bound_errors(covariances, draws: int = 200, seed: int = 0) -> dict:
+    """Errors an estimator at the bound would report, in :func:`motion_errors`' terms.
+
+    Draws ``draws`` error sets from the covariances (one per volume, from
+    :func:`registration_bound`) and reports the median over volumes and draws of
+    the translation (mm) and rotation (degrees) error, and the median over draws of
+    the worst volume's.
+
+    Parameters
+    ----------
+    covariances : array-like (N, 6, 6)
+        One parameter covariance per volume.
+    draws : int
+        Monte-Carlo draws.
+    seed : int
+        Seed of the draws.
+
+    Returns
+    -------
+    dict
+        ``translation_mm_median``, ``translation_mm_max``, ``rotation_deg_median``
+        and ``rotation_deg_max``.
+    """
+    covariances = np.asarray(covariances, dtype=float)
+    if covariances.ndim != 3 or covariances.shape[1:] != (6, 6):
+        raise InputError(f"covariances must be (N, 6, 6), got {covariances.shape}")
+    rng = np.random.default_rng(seed)
+    factors = np.linalg.cholesky(covariances + 1e-18 * np.eye(6))
+    errors = np.einsum("nij,dnj->dni", factors, rng.standard_normal((draws, len(factors), 6)))
+    translation = np.linalg.norm(errors[..., :3], axis=-1)
+    rotation = np.degrees(np.linalg.norm(errors[..., 3:], axis=-1))
+    return {
+        "translation_mm_median": float(np.median(translation)),
+        "translation_mm_max": float(np.median(translation.max(axis=1))),
+        "rotation_deg_median": float(np.median(rotation)),
+        "rotation_deg_max": float(np.median(rotation.max(axis=1))),
     }

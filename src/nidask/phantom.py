@@ -10,6 +10,7 @@ gives the motion-free volume back.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 
@@ -108,14 +109,27 @@ def _direction_set(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _write_series(
-    volumes: list[np.ndarray], affine, path: str, dtype, mask: np.ndarray, scale: float
+    volumes, n: int, affine, path: str, dtype, mask: np.ndarray, scale: float
 ) -> None:
-    data = np.stack(volumes, -1)
-    if np.dtype(dtype).kind in "iu":
-        data = np.clip(np.rint(data * scale), 0, np.iinfo(dtype).max)
-    image = nb.Nifti1Image(data.astype(dtype), affine)
-    image.header.set_xyzt_units("mm", "sec")
-    image.to_filename(path)
+    """Write ``n`` volumes (any iterable, consumed one at a time) and the mask beside them.
+
+    Integer types store ``volume * scale``, rounded.  Volumes are appended as they
+    come, so a series of any length never sits in memory (``.gz`` names are gzipped).
+    """
+    from nidask.io.nifti import header_bytes, make_header
+
+    header = make_header((*mask.shape, n), dtype, affine)
+    opener = gzip.open if path.endswith(".gz") else open
+    written = 0
+    with opener(path, "wb") as f:
+        f.write(header_bytes(header))
+        for volume in volumes:
+            if np.dtype(dtype).kind in "iu":
+                volume = np.clip(np.rint(volume * scale), 0, np.iinfo(dtype).max)
+            f.write(np.asarray(volume, dtype=dtype).tobytes(order="F"))
+            written += 1
+    if written != n:  # pragma: no cover - a generator bug
+        raise RuntimeError(f"wrote {written} volumes to {path}, expected {n}")
     nb.Nifti1Image(mask.astype(np.uint8), affine).to_filename(path.replace(".nii", "_mask.nii", 1))
 
 
@@ -470,18 +484,19 @@ def make_dwi(
     if not move_b0:
         motion[bvals == 0] = np.eye(4)
     coil = 1 + bias * smooth_field(tuple(shape3d), max(shape3d) / 3, rng)
-    volumes = []
-    for i in range(n):
-        # the head turned by R sees the scanner's gradient g as R^T g
-        head_direction = motion[i][:3, :3].T @ bvecs[i] if head_frame_gradients else bvecs[i]
-        truth = brain.signal(head_direction, bvals[i], anisotropy)
-        # on a finer grid linear interpolation suffices: the block mean smooths it
-        moved = _move(truth, fine_affine, motion[i], order=1 if factor > 1 else 3)
-        moved = _block_mean(moved, factor) * coil
-        volumes.append(_add_noise(moved, noise, rician, rng))
+
+    def volumes():
+        for i in range(n):
+            # the head turned by R sees the scanner's gradient g as R^T g
+            head = motion[i][:3, :3].T @ bvecs[i] if head_frame_gradients else bvecs[i]
+            truth = brain.signal(head, bvals[i], anisotropy)
+            # on a finer grid linear interpolation suffices: the block mean smooths it
+            moved = _move(truth, fine_affine, motion[i], order=1 if factor > 1 else 3)
+            yield _add_noise(_block_mean(moved, factor) * coil, noise, rician, rng)
+
     path = os.path.join(os.fspath(directory), f"{name}.nii" + (".gz" if compressed else ""))
     mask = _block_mean(brain.fractions[1:].sum(0), factor) > 0.5
-    _write_series(volumes, affine, path, dtype, mask, scale=1000.0)
+    _write_series(volumes(), n, affine, path, dtype, mask, scale=1000.0)
     stem = os.path.join(os.fspath(directory), name)
     np.savetxt(f"{stem}.bval", bvals[np.newaxis], fmt="%g")
     np.savetxt(f"{stem}.bvec", bvecs.T, fmt="%.6f")
@@ -558,7 +573,7 @@ def make_moved_series(
     if mask is None:
         mask = ndimage.binary_fill_holes(volume > 0.1 * level)
     path = os.path.join(os.fspath(directory), f"{name}.nii")
-    _write_series(volumes, affine, path, dtype, mask, scale=1000.0)
+    _write_series(volumes, len(volumes), affine, path, dtype, mask, scale=1000.0)
     companions = {"brainmask_file": path.replace(".nii", "_mask.nii", 1)}
     return Phantom(image=path, motion=motion, companions=companions, affine=np.asarray(affine))
 
@@ -599,7 +614,7 @@ def make_pet(
         moved = _move(truth, affine, motion[i]) if i else truth
         volumes.append(np.maximum(moved + rng.normal(0, noise, shape3d), 0))
     path = os.path.join(os.fspath(directory), f"{name}.nii")
-    _write_series(volumes, affine, path, dtype, labels > 0, scale=1000.0)
+    _write_series(volumes, len(volumes), affine, path, dtype, labels > 0, scale=1000.0)
     sidecar = os.path.join(os.fspath(directory), f"{name}.json")
     with open(sidecar, "w") as f:
         json.dump({"FrameTimesStart": starts.tolist(), "FrameDuration": durations.tolist()}, f)

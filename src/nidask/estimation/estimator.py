@@ -44,7 +44,7 @@ import numpy as np
 from dask.base import tokenize
 from scipy import ndimage
 
-from nidask.config import volumes_per_chunk
+from nidask.config import chunk_bytes, volumes_per_chunk
 from nidask.errors import InputError
 from nidask.estimation.frames import (
     METHODS,
@@ -213,7 +213,7 @@ def interior_rows(mean: np.ndarray, mask: np.ndarray, fraction: float = 0.4) -> 
     space: motion changes their signal least, so a model fitted there learns the
     signal, not what misalignment left in it.
     """
-    slope = ndimage.gaussian_gradient_magnitude(np.asarray(mean, dtype=np.float64), 1.0)
+    slope = ndimage.gaussian_gradient_magnitude(np.asarray(mean, dtype=np.float32), 1.0)
     grown_index = mask_index(grow_mask(mask))
     inside = np.asarray(mask).ravel(order="F")[grown_index]
     values = slope.ravel(order="F")[grown_index]
@@ -244,6 +244,15 @@ def sample_rows(voxels: str, count: int, rows: np.ndarray | None = None) -> np.n
     rows = np.arange(n_rows) if rows is None else np.asarray(rows)
     picks = rows[np.unique(np.linspace(0, len(rows) - 1, min(count, len(rows))).astype(int))]
     return np.vstack([read_rows(voxels, int(r), int(r) + 1) for r in picks])
+
+
+def sample_count(n_volumes: int, most: int = 20000) -> int:
+    """Voxels in the sample a model's ``prepare`` sees (held in memory, not streamed).
+
+    ``most``, or fewer (at least 1000) where a float32 sample of every volume would
+    exceed half the chunk budget.
+    """
+    return int(max(1000, min(most, chunk_bytes() // (2 * 4 * max(n_volumes, 1)))))
 
 
 def changes_mm(before, after, affine, shape3d, radius: float = 50.0) -> np.ndarray:
@@ -580,7 +589,8 @@ class Estimator:
         )
         prepare = getattr(model, "prepare", None)
         if prepare is not None:
-            model = prepare(sample_rows(voxels, 20000, np.load(run.interior)), meta)
+            count = sample_count(len(dataset))
+            model = prepare(sample_rows(voxels, count, np.load(run.interior)), meta)
         residuals = os.path.join(folder, "residuals.npy")
 
         def sweep(target):

@@ -38,9 +38,10 @@ from nidask.geometry import fov_center, rigid_matrix, rigid_params
 
 METHODS = ("auto", "temporal", "image")
 
-#: Mutual information as ANTs computes it: whole image, no smoothing at the finest level.
+#: Mutual information as ANTs computes it, without smoothing at the finest level, on
+#: up to 200,000 voxels (about 30 MB of samples; a whole HCP grid would take 500 MB).
 IMAGE_REGISTRATION = RigidRegistration(
-    metric="mi", smoothing=(2.0, 1.0, 0.0), max_samples=None, jitter=False
+    metric="mi", smoothing=(2.0, 1.0, 0.0), max_samples=200_000, jitter=False
 )
 
 

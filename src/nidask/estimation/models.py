@@ -295,6 +295,10 @@ def _weighted_fit(log_signal: np.ndarray, design: np.ndarray):
     return coef, leverage
 
 
+#: Rows of a voxel sample that :meth:`GPModel.prepare` holds in float64 at once.
+SPREAD_BLOCK = 2000
+
+
 class GPModel(FoldModel):
     """Gaussian-process prediction across directions and shells (FSL eddy's predictor).
 
@@ -336,14 +340,16 @@ class GPModel(FoldModel):
         gradients, b0, dw = self._split(meta)
         if len(dw) < 3:
             raise InputError(f"the gp model needs diffusion-weighted volumes, found {len(dw)}")
-        sample = np.asarray(sample, dtype=np.float64)
-        values = sample[:, dw]
         basis = gp.mean_basis(gradients[dw])
-        means = (values @ basis) / basis.sum(axis=0)
-        spread = ((values - means @ basis.T) ** 2).mean(axis=1)
-        rows = np.argsort(spread)[-self.sample_voxels :]
+        spread = np.empty(len(sample))
+        for start in range(0, len(sample), SPREAD_BLOCK):  # float64 a block at a time
+            values = np.asarray(sample[start : start + SPREAD_BLOCK, dw], dtype=np.float64)
+            means = (values @ basis) / basis.sum(axis=0)
+            spread[start : start + len(values)] = ((values - means @ basis.T) ** 2).mean(axis=1)
+        rows = np.sort(np.argsort(spread)[-self.sample_voxels :])
         sigma2 = gp.noise_variance(sample[:, b0]) if len(b0) else None
-        fitted = gp.fit_hyperparameters(values[rows], gradients[dw], sigma2)
+        values = np.asarray(sample[rows][:, dw], dtype=np.float64)
+        fitted = gp.fit_hyperparameters(values, gradients[dw], sigma2)
         return GPModel(self.sample_voxels, fitted)
 
     def fit(self, data, **meta):

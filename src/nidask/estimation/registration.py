@@ -102,9 +102,9 @@ class _Level:
 
     points: np.ndarray  # (n, 3) float64 fixed-space world coordinates minus the centre
     fixed: np.ndarray  # (n,) float64 fixed intensities at the points
-    moving: np.ndarray  # (X, Y, Z) smoothed moving image (float32) or its spline coefficients
-    gradient: tuple[np.ndarray, ...]  # 3 x (X, Y, Z) forward differences (order 1, scipy)
-    weights: np.ndarray | None = None  # (n,) sample weights summing to one (NCC), or None
+    moving: np.ndarray  # (X, Y, Z) float32 smoothed moving image, or its spline coefficients
+    weights: np.ndarray | None  # (n,) sample weights summing to one (NCC), or None
+    affine: np.ndarray  # (4, 4) voxel-to-RAS of the level's grid (coarser than the input's)
     order: int = 1  # interpolation of the moving image: 1 trilinear, 3 cubic B-spline
 
 
@@ -140,10 +140,12 @@ class RigidRegistration:
         for differing contrasts, also with exact gradients and L-BFGS-B, within
         ``search`` of the start.
     shrink : tuple of int
-        Subsampling factor of the fixed grid at each level, coarse to fine (the
-        moving image is never downsampled: the cost of a level is its point count).
+        Coarsening factor of each level, coarse to fine: a level with factor ``f``
+        runs on the means of ``f x f x f`` blocks of both images (and of the mask),
+        so it holds ``1 / f**3`` of a volume.
     smoothing : tuple of float
-        Gaussian sigma (voxels) applied to both images at each level.
+        Gaussian sigma (voxels of the input grid) of each level; a block mean's own
+        blur (variance ``(f^2 - 1) / 12``) counts toward it.
     min_samples : int
         Levels (other than the last) with fewer sample points are skipped, e.g.
         the 4x level of a 40x40x30 volume.
@@ -239,7 +241,6 @@ class RigidRegistration:
         center = fov_center(aff, fixed32.shape)
         params = np.zeros(6) if init is None else rigid_params(init, center=center)
         scale = np.array([1.0, 1.0, 1.0] + [1.0 / self.radius] * 3)
-        inv_aff = np.linalg.inv(aff)
         n_levels = len(self.shrink)
         cost_class = _NCCCost if self.metric == "ncc" else _MattesCost
         quality = {"similarity": float("nan"), "converged": True, "evaluations": 0}
@@ -249,7 +250,7 @@ class RigidRegistration:
             )
             if level is None:
                 continue
-            fun = cost_class(level, inv_aff, center, scale, self.bins)
+            fun = cost_class(level, np.linalg.inv(level.affine), center, scale, self.bins)
             start = params / scale
             # the search stays within a plausible head motion of its start (mutual
             # information, for one, rewards moving structure out of the sampled region)
@@ -272,8 +273,7 @@ class RigidRegistration:
 
     # ---------------------------------------------------------------- helpers
     def _check(self, fixed, moving, affine, mask):
-        fixed32 = np.nan_to_num(np.asarray(fixed, dtype=np.float32))
-        moving32 = np.nan_to_num(np.asarray(moving, dtype=np.float32))
+        fixed32, moving32 = _finite32(fixed), _finite32(moving)
         if fixed32.ndim != 3 or fixed32.shape != moving32.shape:
             raise InputError(
                 "fixed and moving must be 3D volumes of the same shape, got "
@@ -292,7 +292,7 @@ class RigidRegistration:
                     f"mask shape {mask.shape} does not match the volume shape {fixed32.shape}"
                 )
             if mask.dtype != bool:
-                mask = np.nan_to_num(mask.astype(np.float32), nan=0.0, posinf=0.0)
+                mask = _finite32(mask, nan=0.0, posinf=0.0)
                 if np.any(mask < 0):
                     raise InputError("registration weights must not be negative")
         if not mask.any():
@@ -300,45 +300,93 @@ class RigidRegistration:
         return fixed32, moving32, aff, mask
 
     def _level(self, fixed32, moving32, aff, mask, center, factor, sigma, last):
-        sub = mask[::factor, ::factor, ::factor]
-        n = int(np.count_nonzero(sub))
+        # a level holds the samples and one float32 volume (the moving image or its
+        # spline coefficients) on its own grid; the smoothed images live one at a time
+        if factor > 1:
+            # block means are a box blur of variance (f^2 - 1) / 12 (fine voxels^2);
+            # the Gaussian adds what the level's smoothing asks beyond it
+            fixed32, moving32 = _block_mean(fixed32, factor), _block_mean(moving32, factor)
+            boolean = mask.dtype == bool
+            mask = _block_mean(mask, factor)
+            mask = mask > 0.5 if boolean else mask
+            sigma = math.sqrt(max(sigma**2 - (factor**2 - 1) / 12, 0.0)) / factor
+            aff = aff @ _block_affine(factor)
+        sub = mask
+        flat = np.flatnonzero(sub)  # C order, deterministic
+        n = len(flat)
         if n < self.min_samples and not last:
             return None
-        if sigma > 0:
-            fixed_s = ndimage.gaussian_filter(fixed32, sigma, mode="nearest")
-            moving_s = ndimage.gaussian_filter(moving32, sigma, mode="nearest")
-        else:
-            fixed_s, moving_s = fixed32, moving32
-        ijk = np.argwhere(sub)  # C order, deterministic
         rng = np.random.default_rng(self.seed)
         if self.max_samples is not None and n > self.max_samples:
-            ijk = ijk[np.sort(rng.choice(n, self.max_samples, replace=False))]
-        ijk = ijk * factor
+            flat = flat[np.sort(rng.choice(n, self.max_samples, replace=False))]
+        ijk = np.stack(np.unravel_index(flat, sub.shape), axis=1)
         weights = None if mask.dtype == bool else mask[ijk[:, 0], ijk[:, 1], ijk[:, 2]]
         order = self.order if last else 1
         if self.jitter:
             ijk = ijk + rng.uniform(-0.5, 0.5, ijk.shape)
-            values = ndimage.map_coordinates(fixed_s, ijk.T, order=order, mode="nearest")
+            values = _interpolator(_smoothed(fixed32, sigma), order)(ijk.T)
         else:
-            values = fixed_s[ijk[:, 0], ijk[:, 1], ijk[:, 2]]
+            values = _smoothed(fixed32, sigma)[ijk[:, 0], ijk[:, 1], ijk[:, 2]]
         values = values.astype(np.float64)
         if weights is not None:
             weights = weights.astype(np.float64) / weights.sum()
         if np.ptp(values) == 0:
             raise InputError("the fixed image is constant inside the registration mask")
         points = ijk @ aff[:3, :3].T + (aff[:3, 3] - center)
+        moving = _smoothed(moving32, sigma)
         if order == 3:
-            coefficients = ndimage.spline_filter(moving_s, 3, output=np.float64, mode="mirror")
-            # d/dx of sum c_j B3(x - j) is sum (c_j - c_(j-1)) B2(x - j + 1/2)
-            gradient = tuple(
-                np.diff(coefficients, axis=k, prepend=np.take(coefficients, [1], axis=k))
-                for k in range(3)
-            )
-            return _Level(points, values, coefficients, gradient, weights, order=3)
-        gradient = tuple(
-            np.diff(moving_s, axis=k, append=np.take(moving_s, [-1], axis=k)) for k in range(3)
-        )
-        return _Level(points, values, moving_s, gradient, weights)
+            moving = ndimage.spline_filter(moving, 3, output=np.float32, mode="mirror")
+        return _Level(points, values, moving, weights, aff, order=order)
+
+
+def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:
+    """Float32 means of cubic blocks of ``factor`` voxels a side (edge-padded to fit)."""
+    pad = [(0, -s % factor) for s in image.shape]
+    if any(after for _, after in pad):
+        image = np.pad(image, pad, mode="edge")
+    x, y, z = (s // factor for s in image.shape)
+    blocks = image.reshape(x, factor, y, factor, z, factor)
+    return blocks.mean(axis=(1, 3, 5), dtype=np.float32)
+
+
+def _block_affine(factor: int) -> np.ndarray:
+    """Voxel-to-voxel affine from a block-mean grid to the grid it averages."""
+    scale = np.diag([float(factor)] * 3 + [1.0])
+    scale[:3, 3] = (factor - 1) / 2.0  # a block's centre
+    return scale
+
+
+def _finite32(array, **replace) -> np.ndarray:
+    """``array`` as float32, copied only when non-finite values must be replaced."""
+    array = np.asarray(array, dtype=np.float32)
+    return array if np.isfinite(array).all() else np.nan_to_num(array, **replace)
+
+
+def _smoothed(image: np.ndarray, sigma: float) -> np.ndarray:
+    return ndimage.gaussian_filter(image, sigma, mode="nearest") if sigma > 0 else image
+
+
+def _interpolator(image: np.ndarray, order: int):
+    """``coords (3, n) -> values`` of ``image`` by trilinear or cubic B-spline interpolation."""
+    if order == 1:
+        return lambda coords: ndimage.map_coordinates(image, coords, order=1, mode="nearest")
+    # float32 coefficients: scipy's prefilter would hold two float64 copies of the volume
+    coefficients = ndimage.spline_filter(image, 3, output=np.float32, mode="mirror")
+    return lambda coords: ndimage.map_coordinates(
+        coefficients, coords, order=3, mode="mirror", prefilter=False
+    )
+
+
+def _difference_images(level: _Level) -> tuple[np.ndarray, ...] | None:
+    """Forward differences of a trilinear level's image, for the scipy fallback's slopes."""
+    if level.order != 1:
+        return None
+    image = level.moving
+    return tuple(np.diff(image, axis=k, append=np.take(image, [-1], axis=k)) for k in range(3))
+
+
+#: Step (voxels) of the scipy fallback's central differences of a cubic interpolant.
+CUBIC_STEP = 1e-3
 
 
 class _Sampler:
@@ -347,6 +395,7 @@ class _Sampler:
     def __init__(self, level: _Level, inv_aff: np.ndarray, center: np.ndarray, scale: np.ndarray):
         self.level = level
         self.compiled = kernels.sampler_available()
+        self.differences = None if self.compiled else _difference_images(level)  # order 1
         self.inv_lin = inv_aff[:3, :3]
         self.inv_off = inv_aff[:3, 3]
         self.center = center
@@ -373,11 +422,16 @@ class _Sampler:
         values = ndimage.map_coordinates(level.moving, coords, order=3, **spline)
         if not gradient:
             return values, None
+        # central differences of the interpolant (exact to ~1e-7 relative): its
+        # slope along one axis is a quadratic spline there but cubic across, which
+        # map_coordinates cannot evaluate in one call
         slopes = np.empty((coords.shape[1], 3))
         for k in range(3):
-            shifted = coords.copy()
-            shifted[k] += 0.5
-            slopes[:, k] = ndimage.map_coordinates(level.gradient[k], shifted, order=2, **spline)
+            step = np.zeros((3, 1))
+            step[k] = CUBIC_STEP
+            ahead = ndimage.map_coordinates(level.moving, coords + step, order=3, **spline)
+            behind = ndimage.map_coordinates(level.moving, coords - step, order=3, **spline)
+            slopes[:, k] = (ahead - behind) / (2 * CUBIC_STEP)
             slopes[~inside[k], k] = 0.0
         return values, slopes
 
@@ -400,7 +454,7 @@ class _Sampler:
         Consistent gradients keep L-BFGS-B's line searches from stalling.
         """
         out = np.empty((coords.shape[1], 3))
-        for k, diff in enumerate(self.level.gradient):
+        for k, diff in enumerate(self.differences):
             at = coords.copy()
             plane = np.floor(at[k])
             # before the first plane the ("nearest"-padded) image is flat: use the
@@ -429,22 +483,31 @@ class _NCCCost(_Sampler):
         params = np.asarray(z, dtype=np.float64) * self.scale
         rot, d_rot = rotation_and_derivatives(params[3:])
         m, voxel_gradient = self.evaluate(params, rot)
-        mc = m - self.w @ m
-        wmc = self.w * mc
-        mnorm2 = float(wmc @ mc)
+        terms = kernels.ncc_terms if self.compiled else _ncc_terms
+        mnorm2, cross, first, second = terms(m, voxel_gradient, self.w, self.fc, self.level.points)
         if mnorm2 <= 0:  # samples a flat region only: no information, no gradient
             return 1.0, np.zeros(6)
         mnorm = math.sqrt(mnorm2)
-        ncc = float(self.fc @ wmc) / mnorm
-        # d ncc / d m_i = w_i (fc_i / |mc| - ncc * mc_i / |mc|^2)   (means drop out)
-        w = self.w * self.fc / mnorm - (ncc / mnorm2) * wmc
-        # world-space image gradient at each point: dI/dy = dI/dv @ inv_lin
-        wg = (w[:, None] * voxel_gradient) @ self.inv_lin  # (n, 3)
+        ncc = cross / mnorm
+        # d ncc / d m_i = w_i (fc_i / |mc| - ncc * mc_i / |mc|^2)   (means drop out);
+        # summed against each point's voxel gradient g_i times (1, x_i - c):
+        sums = first / mnorm - (ncc / mnorm2) * second  # (3, 4)
+        # world-space image gradient: dI/dy = dI/dv @ inv_lin
+        world = self.inv_lin.T @ sums
         grad = np.empty(6)
-        grad[:3] = wg.sum(axis=0)  # dy/dt = I
-        outer = wg.T @ self.level.points  # sum_i wg_i (x_i - c)^T
-        grad[3:] = np.einsum("kab,ab->k", d_rot, outer)  # dy/dr_k = dR_k @ (x - c)
+        grad[:3] = world[:, 0]  # dy/dt = I
+        grad[3:] = np.einsum("kab,ab->k", d_rot, world[:, 1:])  # dy/dr_k = dR_k @ (x - c)
         return 1.0 - ncc, -grad * self.scale
+
+
+def _ncc_terms(moving, slopes, weights, fixed, points):
+    """numpy twin of :func:`nidask.ops.kernels.ncc_terms`."""
+    centred = moving - weights @ moving
+    wm, wf = weights * centred, weights * fixed
+    design = np.concatenate([np.ones((len(moving), 1)), points], axis=1)
+    first = (wf[:, None] * slopes).T @ design
+    second = (wm[:, None] * slopes).T @ design
+    return float(wm @ centred), float(wf @ centred), first, second
 
 
 def _intensity_range(values: np.ndarray) -> tuple[float, float]:

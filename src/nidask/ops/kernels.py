@@ -1,4 +1,5 @@
-"""Compiled twins of ``scipy.ndimage.affine_transform`` for rigid/affine resampling.
+"""Compiled kernels: twins of ``scipy.ndimage.affine_transform`` for rigid/affine
+resampling, and the registration's point sampler and similarity sums.
 
 With `numba <https://numba.pydata.org>`_ installed (``pip install "nidask[fast]"``),
 :mod:`nidask.ops.resample` interpolates ``mode="constant"`` volumes at orders 1 and 3 with
@@ -293,7 +294,7 @@ def sample_points(volume, points, linear, offset, gradient: bool = True, order: 
     ``points`` is an (n, 3) float64 array.  Order 1: ``volume`` is a 3D float32
     image, sampled as ``scipy.ndimage.map_coordinates(order=1, mode="nearest")``.
     Order 3: ``volume`` holds cubic B-spline coefficients
-    (``scipy.ndimage.spline_filter(image, 3, mode="mirror")``, float64), sampled as
+    (``scipy.ndimage.spline_filter(image, 3, mode="mirror")``, float32 or float64), sampled as
     ``map_coordinates(order=3, mode="mirror", prefilter=False)`` inside the grid and
     at the nearest edge outside it.  The gradient is the derivative of the
     interpolant along each voxel axis (zero where a coordinate lies outside the
@@ -306,7 +307,8 @@ def sample_points(volume, points, linear, offset, gradient: bool = True, order: 
     values = np.empty(n)
     grad = np.empty((n, 3)) if gradient else np.empty((0, 3))
     if order == 3:
-        kernel, volume = cubic_kernel, np.ascontiguousarray(volume, dtype=np.float64)
+        dtype = np.float32 if np.asarray(volume).dtype == np.float32 else np.float64
+        kernel, volume = cubic_kernel, np.ascontiguousarray(volume, dtype=dtype)
     else:
         kernel, volume = linear_kernel, np.ascontiguousarray(volume, dtype=np.float32)
     kernel(
@@ -318,3 +320,83 @@ def sample_points(volume, points, linear, offset, gradient: bool = True, order: 
         grad,
     )
     return values, (grad if gradient else None)
+
+
+@functools.cache
+def _build_ncc():
+    import numba
+
+    @numba.njit(nogil=True, cache=False)
+    def _ncc(moving, slopes, weights, fixed, points, first, second):  # pragma: no cover
+        n = moving.shape[0]
+        mean = 0.0
+        for p in range(n):
+            mean += weights[p] * moving[p]
+        norm2 = 0.0
+        cross = 0.0
+        for a in range(3):
+            for j in range(4):
+                first[a, j] = 0.0
+                second[a, j] = 0.0
+        for p in range(n):
+            centred = moving[p] - mean
+            wm = weights[p] * centred
+            wf = weights[p] * fixed[p]
+            norm2 += wm * centred
+            cross += wf * centred
+            for a in range(3):
+                gf = wf * slopes[p, a]
+                gm = wm * slopes[p, a]
+                first[a, 0] += gf
+                second[a, 0] += gm
+                for j in range(3):
+                    first[a, j + 1] += gf * points[p, j]
+                    second[a, j + 1] += gm * points[p, j]
+        return norm2, cross
+
+    return _ncc
+
+
+def ncc_terms(moving, slopes, weights, fixed, points):
+    """The weighted sums that normalized cross-correlation and its gradient need.
+
+    With ``mc = moving - sum(weights * moving)`` (``fixed`` already centred), returns
+    ``(sum w mc^2, sum w fixed mc, F, M)`` where ``F[a] = sum_p w_p fixed_p
+    slopes[p, a] * (1, points[p])`` and ``M`` the same with ``mc`` for ``fixed``:
+    (3, 4) arrays.  One compiled pass over the points instead of a dozen numpy
+    temporaries of their size.
+    """
+    with _BUILD_LOCK:
+        kernel = _build_ncc()
+    first, second = np.empty((3, 4)), np.empty((3, 4))
+    norm2, cross = kernel(
+        np.ascontiguousarray(moving, dtype=np.float64),
+        np.ascontiguousarray(slopes, dtype=np.float64),
+        np.ascontiguousarray(weights, dtype=np.float64),
+        np.ascontiguousarray(fixed, dtype=np.float64),
+        np.ascontiguousarray(points, dtype=np.float64),
+        first,
+        second,
+    )
+    return norm2, cross, first, second
+
+
+def warm_up() -> None:
+    """Compile every kernel now, for the dtypes the estimator uses (no-op without numba).
+
+    Compiling costs about a second and some tens of MiB per process, once; calling
+    this first (in a benchmark, or a worker's start-up) keeps that cost out of the
+    measurements and the first tasks.
+    """
+    if not _numba_installed() or dask.config.get("nidask.kernels", "auto") == "scipy":
+        return
+    rng = np.random.default_rng(0)
+    volume = rng.random((8, 8, 8)).astype(np.float32)
+    identity = np.eye(4)
+    for data in (volume, (volume * 100).astype(np.int16)):
+        for order in ORDERS:
+            affine_transform(data, identity, order, 0.0, np.empty(data.shape, np.float32))
+    points = rng.random((16, 3)) * 6
+    for order in ORDERS:
+        values, slopes = sample_points(volume, points, identity[:3, :3], np.zeros(3), True, order)
+    ncc_terms(values, slopes, np.full(16, 1 / 16), values - values.mean(), points)

@@ -1,0 +1,98 @@
+"""The estimator's peak memory follows the chunk budget and the stated working set.
+
+``docs/concepts.md`` ("What one estimator task holds") states the bound: peak RSS above
+the baseline is at most ``2 x budget + threads x W``, where ``W``, one fold task's
+working set, is 8 float32 volumes plus 24 MiB of samples and optimiser state.  A
+child process runs a whole estimation on a mid-size series and reports its own
+``VmHWM`` (a child's ``ru_maxrss`` starts at its parent's peak).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import nidask
+from nidask import phantom
+
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(nidask.__file__)))
+SHAPE = (72, 72, 48)
+BUDGET = 8 * 2**20
+THREADS = 2
+MIB = 2**20
+
+CHILD = r"""
+import json, sys
+import dask
+import nidask
+from nidask.ops import kernels
+
+def status(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+
+image, bvec, bval, mask, workdir, budget, threads = sys.argv[1:8]
+kernels.warm_up()  # compiled code is a fixed cost per process, not data
+dataset = nidask.load(image, bvec_file=bvec, bval_file=bval, brainmask_file=mask)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # VmHWM restarts from the current RSS
+baseline = status("VmRSS")
+settings = {"nidask.chunk-size": int(budget), "scheduler": "threads", "num_workers": int(threads)}
+with dask.config.set(settings):
+    estimator = nidask.Estimator(passes=2, progress=False)
+    result = estimator.run(dataset, workdir=workdir)
+print(json.dumps({
+    "baseline": baseline, "peak": status("VmHWM"), "n": len(result.whole_series()),
+    "passes": len(estimator.report["passes"]),
+}))
+"""
+
+
+def working_set(shape3d) -> int:
+    """``W`` of docs/concepts.md: one fold task's bytes."""
+    return 8 * 4 * int(shape3d[0] * shape3d[1] * shape3d[2]) + 24 * MIB
+
+
+def test_estimator_peak_memory_follows_budget_and_working_set(tmp_path):
+    ph = phantom.make_dwi(
+        tmp_path,
+        shape3d=SHAPE,
+        zooms=(3.0, 3.0, 3.0),
+        n_b0=4,
+        n_directions=60,
+        bvalues=(1000.0, 2000.0),
+        b0_every=16,
+        supersample=1,
+        motion="realistic",
+        seed=1,
+    )
+    c = ph.companions
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [PACKAGE_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    # glibc otherwise keeps freed blocks above its adaptive mmap threshold in the
+    # heap; dask's own workers start with this setting for the same reason
+    env["MALLOC_TRIM_THRESHOLD_"] = "65536"
+    args = [c["bvec_file"], c["bval_file"], c["brainmask_file"], str(tmp_path / "run")]
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, ph.image, *args, str(BUDGET), str(THREADS)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["n"] == 64 and report["passes"] == 2
+    series_bytes = 4 * report["n"] * SHAPE[0] * SHAPE[1] * SHAPE[2]
+    bound = 2 * BUDGET + THREADS * working_set(SHAPE)
+    growth = report["peak"] - report["baseline"]
+    # a generous margin, yet one float32 copy of the series more would break it
+    assert growth <= 1.3 * bound, (growth / MIB, bound / MIB)
+    assert 1.3 * bound < 0.8 * bound + series_bytes
