@@ -22,7 +22,7 @@ from scipy import ndimage
 from nidask.errors import InputError
 from nidask.evaluation import motion_errors  # noqa: F401  (nidask.phantom.motion_errors)
 from nidask.geometry import fov_center, rigid_matrix
-from nidask.ops.resample import resample_volume
+from nidask.ops.resample import block_mean, resample_volume
 
 
 @attrs.define
@@ -364,14 +364,6 @@ def _fine_affine(affine: np.ndarray, factor: int) -> np.ndarray:
     return affine @ fine
 
 
-def _block_mean(volume: np.ndarray, factor: int) -> np.ndarray:
-    if factor == 1:
-        return volume
-    x, y, z = (s // factor for s in volume.shape)
-    blocks = volume.reshape(x, factor, y, factor, z, factor)
-    return blocks.mean(axis=(1, 3, 5), dtype=np.float32)
-
-
 def _motion_for(motion, n: int, rng, max_mm, max_deg, centre) -> np.ndarray:
     if isinstance(motion, str):
         if motion == "random":
@@ -492,10 +484,10 @@ def make_dwi(
             truth = brain.signal(head, bvals[i], anisotropy)
             # on a finer grid linear interpolation suffices: the block mean smooths it
             moved = _move(truth, fine_affine, motion[i], order=1 if factor > 1 else 3)
-            yield _add_noise(_block_mean(moved, factor) * coil, noise, rician, rng)
+            yield _add_noise(block_mean(moved, factor) * coil, noise, rician, rng)
 
     path = os.path.join(os.fspath(directory), f"{name}.nii" + (".gz" if compressed else ""))
-    mask = _block_mean(brain.fractions[1:].sum(0), factor) > 0.5
+    mask = block_mean(brain.fractions[1:].sum(0), factor) > 0.5
     _write_series(volumes(), n, affine, path, dtype, mask, scale=1000.0)
     stem = os.path.join(os.fspath(directory), name)
     np.savetxt(f"{stem}.bval", bvals[np.newaxis], fmt="%g")

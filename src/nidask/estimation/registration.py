@@ -37,6 +37,7 @@ from scipy import ndimage, optimize
 from nidask.errors import InputError
 from nidask.geometry import fov_center, rigid_matrix, rigid_params, rotation_and_derivatives
 from nidask.ops import kernels
+from nidask.ops.resample import block_affine, block_mean
 
 __all__ = [
     "REGISTRATIONS",
@@ -305,12 +306,12 @@ class RigidRegistration:
         if factor > 1:
             # block means are a box blur of variance (f^2 - 1) / 12 (fine voxels^2);
             # the Gaussian adds what the level's smoothing asks beyond it
-            fixed32, moving32 = _block_mean(fixed32, factor), _block_mean(moving32, factor)
+            fixed32, moving32 = block_mean(fixed32, factor), block_mean(moving32, factor)
             boolean = mask.dtype == bool
-            mask = _block_mean(mask, factor)
+            mask = block_mean(mask, factor)
             mask = mask > 0.5 if boolean else mask
             sigma = math.sqrt(max(sigma**2 - (factor**2 - 1) / 12, 0.0)) / factor
-            aff = aff @ _block_affine(factor)
+            aff = aff @ block_affine(factor)
         sub = mask
         flat = np.flatnonzero(sub)  # C order, deterministic
         n = len(flat)
@@ -337,23 +338,6 @@ class RigidRegistration:
         if order == 3:
             moving = ndimage.spline_filter(moving, 3, output=np.float32, mode="mirror")
         return _Level(points, values, moving, weights, aff, order=order)
-
-
-def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:
-    """Float32 means of cubic blocks of ``factor`` voxels a side (edge-padded to fit)."""
-    pad = [(0, -s % factor) for s in image.shape]
-    if any(after for _, after in pad):
-        image = np.pad(image, pad, mode="edge")
-    x, y, z = (s // factor for s in image.shape)
-    blocks = image.reshape(x, factor, y, factor, z, factor)
-    return blocks.mean(axis=(1, 3, 5), dtype=np.float32)
-
-
-def _block_affine(factor: int) -> np.ndarray:
-    """Voxel-to-voxel affine from a block-mean grid to the grid it averages."""
-    scale = np.diag([float(factor)] * 3 + [1.0])
-    scale[:3, 3] = (factor - 1) / 2.0  # a block's centre
-    return scale
 
 
 def _finite32(array, **replace) -> np.ndarray:

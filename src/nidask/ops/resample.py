@@ -51,6 +51,8 @@ from nidask.ops import kernels
 
 __all__ = [
     "MODES",
+    "block_affine",
+    "block_mean",
     "check_order",
     "resample_series",
     "resample_volume",
@@ -439,3 +441,26 @@ def rotate_bvecs(bvecs, affine, motion_affines) -> np.ndarray:
     rotated[nonzero] /= norms[nonzero, None]
     rotated[~nonzero] = 0.0
     return rotated
+
+
+def block_mean(image: np.ndarray, factor: int) -> np.ndarray:
+    """Float32 means of cubic blocks of ``factor`` voxels a side (edge-padded to fit).
+
+    ``factor`` 1 returns ``image`` itself.  Block ``(i, j, k)`` is centred on voxel
+    ``factor * (i, j, k) + (factor - 1) / 2`` of ``image`` (see :func:`block_affine`).
+    """
+    if factor == 1:
+        return image
+    pad = [(0, -s % factor) for s in image.shape]
+    if any(after for _, after in pad):
+        image = np.pad(image, pad, mode="edge")
+    x, y, z = (s // factor for s in image.shape)
+    blocks = image.reshape(x, factor, y, factor, z, factor)
+    return blocks.mean(axis=(1, 3, 5), dtype=np.float32)
+
+
+def block_affine(factor: int) -> np.ndarray:
+    """Voxel-to-voxel affine from a :func:`block_mean` grid to the grid it averages."""
+    scale = np.diag([float(factor)] * 3 + [1.0])
+    scale[:3, 3] = (factor - 1) / 2.0  # a block's centre
+    return scale
