@@ -57,7 +57,6 @@ from nidask.estimation.lofo import (
     fold_order,
     mask_index,
     read_column,
-    read_rows,
     scatter,
     sweep_predictions,
     write_voxel_major,
@@ -68,6 +67,7 @@ from nidask.geometry import fov_center, rigid_params
 from nidask.io.cache import atomic_output, remove_stale_temporaries
 from nidask.io.npy import NpyFile, write_vector
 from nidask.io.sources import NpySource
+from nidask.io.store import write_npy
 from nidask.progress import compute
 
 RUN_FILE = "run.json"
@@ -240,10 +240,10 @@ def check_field_of_view(shape3d, affine, mask: np.ndarray, path: str | None = No
 
 def sample_rows(voxels: str, count: int, rows: np.ndarray | None = None) -> np.ndarray:
     """``count`` rows of a voxel-major matrix spread evenly over ``rows`` (default all)."""
-    n_rows = NpyFile.open(voxels).shape[0]
-    rows = np.arange(n_rows) if rows is None else np.asarray(rows)
+    matrix = NpyFile.open(voxels)
+    rows = np.arange(matrix.shape[0]) if rows is None else np.asarray(rows)
     picks = rows[np.unique(np.linspace(0, len(rows) - 1, min(count, len(rows))).astype(int))]
-    return np.vstack([read_rows(voxels, int(r), int(r) + 1) for r in picks])
+    return matrix.read_blocks(picks)
 
 
 def sample_count(n_volumes: int, most: int = 20000) -> int:
@@ -535,10 +535,7 @@ class Estimator:
     def _setup(self, dataset, workdir, groups) -> _Run:
         workdir = self._prepare(dataset, workdir)
         remove_stale_temporaries(workdir)  # of an earlier, killed attempt
-        raw = self._step(
-            os.path.join(workdir, "data.npy"),
-            lambda p: dataset.materialize(p, progress=self.progress),
-        )
+        raw = self._write_data(dataset, os.path.join(workdir, "data.npy"))
         mask_path = os.path.join(workdir, "mask.npy")
         if not os.path.exists(mask_path):
             mask = dataset.brainmask
@@ -564,6 +561,15 @@ class Estimator:
             voxel_meta[name] = self._step(os.path.join(workdir, f"{name}.npy"), write_image)
         return _Run(workdir, raw, mask, mask_path, voxel_meta, tuple(flags), groups, interior)
 
+    def _write_data(self, dataset, path: str) -> str:
+        """The series' volumes at ``path`` (volume-contiguous ``.npy``), unless recorded.
+
+        Not :meth:`~nidask.BaseDataset.materialize`: that computes the dataset's lazy
+        fields along (a DWI's b=0 median), which holds every b=0 volume of the
+        pass at once and which the run does not read.
+        """
+        return self._step(path, lambda t: write_npy(dataset.dataobj, t, progress=self.progress))
+
     def _step(self, path: str, produce) -> str:
         """Run ``produce(temp)`` unless ``path`` exists; rename on success."""
         if not os.path.exists(path):
@@ -578,10 +584,7 @@ class Estimator:
         training, source = run.raw, dataset
         if previous is not None:
             source = dataset.with_whole_motion(previous).resampled(order=self.resample_order)
-            training = self._step(
-                os.path.join(folder, "corrected.npy"),
-                lambda t: source.materialize(t, progress=self.progress),
-            )
+            training = self._write_data(source, os.path.join(folder, "corrected.npy"))
         meta = source.volume_meta()  # b-vectors rotated with the previous estimates
         voxels = self._step(
             os.path.join(folder, "voxels.npy"),

@@ -43,6 +43,9 @@ from nidask.errors import InputError
 #: Signal-to-noise variance ratios a voxel may take (0: no angular structure).
 RATIOS = np.r_[0.0, np.geomspace(0.01, 100.0, 13)]
 
+#: Rows :func:`predict_all_folds` holds in float64 at once.
+ROW_BLOCK = 2048
+
 
 def shell_labels(bvals, tolerance: float = 100.0) -> np.ndarray:
     """Integer shell label of each b-value: sorted values split where gaps exceed tolerance.
@@ -200,25 +203,27 @@ def predict_all_folds(
     """Leave-one-out predictions (n_voxels, N) of diffusion-weighted ``data``.
 
     Each voxel (row) uses the ratio of ``ratios`` with the highest restricted
-    likelihood for its own values.
+    likelihood for its own values.  Rows are scored and predicted ``ROW_BLOCK`` at
+    a time, so the float64 temporaries stay small whatever the block's size.
     """
-    data = np.asarray(data, dtype=np.float64)
     n = data.shape[1]
     basis = mean_basis(gradients)
     unit = covariance(gradients, angular_length, bvalue_length)
-    best = np.full(len(data), -np.inf)
-    choice = np.zeros(len(data), dtype=int)
-    weights = []
-    for k, ratio in enumerate(ratios):
-        q, logdet = projected_precision(sigma2 * (ratio * unit + np.eye(n)), basis)
-        likelihood = -0.5 * np.einsum("vi,vi->v", data @ q, data) - 0.5 * logdet
-        better = likelihood > best
-        best[better] = likelihood[better]
-        choice[better] = k
-        weights.append(loo_weights(q))
+    precisions = [
+        projected_precision(sigma2 * (ratio * unit + np.eye(n)), basis) for ratio in ratios
+    ]
     out = np.empty(data.shape, dtype=np.float32)
-    for k, w in enumerate(weights):
-        rows = choice == k
-        if rows.any():
-            out[rows] = data[rows] @ w.T
+    for start in range(0, len(data), ROW_BLOCK):
+        block = np.asarray(data[start : start + ROW_BLOCK], dtype=np.float64)
+        best = np.full(len(block), -np.inf)
+        choice = np.zeros(len(block), dtype=int)
+        for k, (q, logdet) in enumerate(precisions):
+            likelihood = -0.5 * np.einsum("vi,vi->v", block @ q, block) - 0.5 * logdet
+            better = likelihood > best
+            best[better] = likelihood[better]
+            choice[better] = k
+        for k, (q, _) in enumerate(precisions):
+            rows = np.flatnonzero(choice == k)
+            if len(rows):
+                out[start + rows] = block[rows] @ loo_weights(q).T
     return out

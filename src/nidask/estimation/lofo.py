@@ -143,11 +143,25 @@ def _predict_block(
         output.write(predictions[:, j], int(fold), start)
     if residuals is not None:
         path, groups = residuals
-        squared = (data[:, list(folds)] - predictions) ** 2
-        chosen = np.asarray(groups)[list(folds)]
+        folds = np.asarray(folds)
+        chosen = np.asarray(groups)[folds]
         variances = NpyFile.open(path)
         for k, g in enumerate(np.unique(groups)):
-            variances.write(squared[:, chosen == g].mean(axis=1), k, start)
+            columns = np.flatnonzero(chosen == g)
+            variances.write(_mean_squared(data, folds[columns], predictions, columns), k, start)
+
+
+def _mean_squared(data, data_columns, predictions, prediction_columns, rows: int = 4096):
+    """Per row, the mean of ``(data[:, data_columns] - predictions[:, prediction_columns])**2``.
+
+    ``rows`` at a time: the differences of a whole block would be one more block.
+    """
+    out = np.empty(len(data), dtype=np.float32)
+    for a in range(0, len(data), rows):
+        block = slice(a, a + rows)
+        difference = data[block, data_columns] - predictions[block, prediction_columns]
+        out[block] = (difference * difference).mean(axis=1)
+    return out
 
 
 def sweep_predictions(

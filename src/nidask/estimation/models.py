@@ -369,7 +369,8 @@ class GPModel(FoldModel):
             out[:, b0] = (total - data[:, b0]) / (len(b0) - 1)
         elif len(b0) == 1:
             out[:, b0] = data[:, b0]  # a lone b=0 is the reference: nothing to predict it from
-        return out[:, list(folds)]
+        folds = list(folds)
+        return out if folds == list(range(data.shape[1])) else out[:, folds]
 
     def __repr__(self):
         return (

@@ -84,6 +84,16 @@ class NpyFile:
             raise InputError("file is shorter than its header declares", self.path)
         return np.frombuffer(raw, dtype=self.dtype)
 
+    def read_blocks(self, blocks) -> np.ndarray:
+        """The given blocks (e.g. scattered rows of a C-ordered array), under one open."""
+        out = np.empty((len(blocks), self.block), dtype=self.dtype)
+        with open(self.path, "rb") as f:
+            for row, block in zip(out, blocks, strict=True):
+                f.seek(self.byte(int(block)))
+                if f.readinto(memoryview(row).cast("B")) != row.nbytes:
+                    raise InputError("file is shorter than its header declares", self.path)
+        return out
+
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of a C-ordered array (blocks are rows)."""
         return self.read(start, stop - start).reshape((stop - start, *self.shape[1:]))
