@@ -8,7 +8,7 @@ import pytest
 
 import nidask
 from conftest import SHAPE3D, write_bvec_bval, write_nifti
-from nidask import DWI
+from nidask import DWI, dmri
 from nidask.dmri import read_gradients
 
 
@@ -110,6 +110,27 @@ def test_bzero_is_lazy_median_of_b0s(tmp_path, scheme):
     # a median, not a mean or the first b0
     assert not np.array_equal(bzero, data[..., [0, 4, 9]].mean(-1).astype(np.float32))
     assert not np.array_equal(bzero, data[..., 0].astype(np.float32))
+
+
+def test_bzero_median_is_read_slab_by_slab_within_the_budget(tmp_path, scheme):
+    """A file-backed median is one task per Z slab, each reading its slab of every b=0."""
+    import dask
+
+    bvecs, bvals = scheme
+    path, data = _series(tmp_path, 11, seed=3)
+    bvec, bval = write_bvec_bval(tmp_path / "s", bvecs, bvals)
+    x, y, z = SHAPE3D
+    # room for two slices of the three b=0 volumes (and their sorted copies)
+    with dask.config.set({"nidask.chunk-size": 2 * 3 * 3 * 4 * x * y}):
+        dwi = nidask.load(path, bvec_file=bvec, bval_file=bval)
+        assert dwi.bzero.chunks[2] == (2,) * (z // 2) + ((z % 2,) if z % 2 else ())
+        bzero = dwi.bzero.compute()
+        expected = np.median(data[..., [0, 4, 9]], axis=-1).astype(np.float32)
+        np.testing.assert_array_equal(bzero, expected)
+        # an array that is not a file's (here, shifted) is one task, with the same values
+        shifted = dmri.lazy_median(dwi.whole_series().dataobj[..., [0, 4, 9]] + 1)
+        assert shifted.npartitions == 1
+        np.testing.assert_array_equal(shifted.compute(), expected + 1)
 
 
 def test_single_b0_is_the_bzero(tmp_path):

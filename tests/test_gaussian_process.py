@@ -103,3 +103,16 @@ def test_gp_model_predicts_b0_volumes_from_the_other_b0s():
 def test_gp_model_needs_gradients():
     with pytest.raises(InputError, match="needs a DWI"):
         GPModel().prepare(RNG.random((4, 6)), {})
+
+
+def test_rows_beyond_one_row_block_are_predicted_as_in_one_block(monkeypatch):
+    """Row blocks (the memory bound) change nothing: each voxel keeps its ratio and values."""
+    gradients = scheme((15, 15), (1000.0, 2000.0))
+    n_rows = 2 * gp.ROW_BLOCK + 37
+    base = 100.0 + 30 * (gradients[:, 0] ** 2)[None] * RNG.random((n_rows, 1))
+    data = (base + RNG.normal(0, 1.0, base.shape)).astype(np.float32)
+    blocked = gp.predict_all_folds(data, gradients, 1.0, 1.0, 1.0)
+    monkeypatch.setattr(gp, "ROW_BLOCK", n_rows)
+    whole = gp.predict_all_folds(data, gradients, 1.0, 1.0, 1.0)
+    np.testing.assert_array_equal(blocked, whole)
+    assert not np.allclose(blocked[:100], blocked[-100:])  # rows are not all alike

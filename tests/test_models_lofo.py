@@ -248,3 +248,31 @@ def test_sweep_writes_every_fold_prediction_as_a_column(series, tmp_path, model)
     expected = predict_folds_by_fitting(model, np.load(voxels), meta, range(11))
     np.testing.assert_allclose(predictions, expected, rtol=1e-5)
     np.testing.assert_array_equal(read_column(target, 6), predictions[:, 6])
+
+
+def test_group_residuals_in_row_blocks_match_the_whole_block():
+    """``_mean_squared`` scans rows a few at a time and gives the block's own means."""
+    from nidask.estimation.lofo import _mean_squared
+
+    rng = np.random.default_rng(4)
+    data = rng.normal(size=(1001, 12)).astype(np.float32)
+    predictions = rng.normal(size=(1001, 5)).astype(np.float32)
+    data_columns, prediction_columns = np.array([1, 4, 7, 11]), np.array([0, 2, 3, 4])
+    got = _mean_squared(data, data_columns, predictions, prediction_columns, rows=64)
+    expected = ((data[:, data_columns] - predictions[:, prediction_columns]) ** 2).mean(axis=1)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert got.dtype == np.float32 and got.shape == (1001,)
+
+
+def test_scattered_rows_are_read_under_one_open(tmp_path):
+    from nidask.estimation.estimator import sample_rows
+    from nidask.io.npy import NpyFile
+
+    matrix = np.arange(500 * 7, dtype=np.float32).reshape(500, 7)
+    np.save(tmp_path / "m.npy", matrix)
+    rows = np.array([3, 4, 90, 91, 499])
+    np.testing.assert_array_equal(NpyFile.open(tmp_path / "m.npy").read_blocks(rows), matrix[rows])
+    candidates = np.arange(10, 400, 3)
+    picks = candidates[np.unique(np.linspace(0, len(candidates) - 1, 20).astype(int))]
+    sample = sample_rows(str(tmp_path / "m.npy"), 20, candidates)
+    np.testing.assert_array_equal(sample, matrix[picks])

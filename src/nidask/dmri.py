@@ -579,12 +579,22 @@ def split_b0(
 
 
 def lazy_median(volumes: da.Array) -> da.Array:
-    """Voxel-wise median (float32) of (X, Y, Z, n) ``volumes``, as a dask array.
+    """Voxel-wise median of ``volumes``, as a dask array.
 
     A file-backed array is read slab by slab along Z, every volume's slab in one
     task, so each task holds ``n`` slabs within the chunk budget whatever ``n`` is
     (an HCP series' 18 b=0 volumes would be 260 MB in float32 at once).  Any other
     array is one task on the whole block, as computed.
+
+    Parameters
+    ----------
+    volumes : dask array (X, Y, Z, n)
+        E.g. the b=0 volumes of a series (see :func:`split_b0`).
+
+    Returns
+    -------
+    dask array (X, Y, Z), float32
+        ``np.median(volumes, axis=-1)``'s values; chunked in Z slabs when file-backed.
     """
     x, y, z, n = volumes.shape
     source = source_of(volumes)
