@@ -23,11 +23,11 @@ BUDGET = 8 * 2**20
 THREADS = 2
 MIB = 2**20
 
-CHILD = r"""
+#: what every child starts with: its own resident and peak sizes, and a peak reset
+PRELUDE = r"""
 import json, sys
 import dask
 import nidask
-from nidask.ops import kernels
 
 def status(field):
     with open("/proc/self/status") as f:
@@ -35,11 +35,18 @@ def status(field):
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
 
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM restarts from the current RSS
+"""
+
+CHILD = r"""
+from nidask.ops import kernels
+
 image, bvec, bval, mask, workdir, budget, threads = sys.argv[1:8]
 kernels.warm_up()  # compiled code is a fixed cost per process, not data
 dataset = nidask.load(image, bvec_file=bvec, bval_file=bval, brainmask_file=mask)
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # VmHWM restarts from the current RSS
+reset_peak()
 baseline = status("VmRSS")
 settings = {"nidask.chunk-size": int(budget), "scheduler": "threads", "num_workers": int(threads)}
 with dask.config.set(settings):
@@ -50,6 +57,27 @@ print(json.dumps({
     "passes": len(estimator.report["passes"]),
 }))
 """
+
+
+def run_child(script: str, *args) -> dict:
+    """Run ``PRELUDE + script`` in a fresh interpreter; its last line of output, as JSON."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [PACKAGE_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    # glibc otherwise keeps freed blocks above its adaptive mmap threshold in the
+    # heap; dask's own workers start with this setting for the same reason
+    env["MALLOC_TRIM_THRESHOLD_"] = "65536"
+    result = subprocess.run(
+        [sys.executable, "-c", PRELUDE + script, *(str(a) for a in args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def working_set(shape3d) -> int:
@@ -71,24 +99,8 @@ def test_estimator_peak_memory_follows_budget_and_working_set(tmp_path):
         seed=1,
     )
     c = ph.companions
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [PACKAGE_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    )
-    # glibc otherwise keeps freed blocks above its adaptive mmap threshold in the
-    # heap; dask's own workers start with this setting for the same reason
-    env["MALLOC_TRIM_THRESHOLD_"] = "65536"
-    args = [c["bvec_file"], c["bval_file"], c["brainmask_file"], str(tmp_path / "run")]
-    result = subprocess.run(
-        [sys.executable, "-c", CHILD, ph.image, *args, str(BUDGET), str(THREADS)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    args = [c["bvec_file"], c["bval_file"], c["brainmask_file"], tmp_path / "run"]
+    report = run_child(CHILD, ph.image, *args, BUDGET, THREADS)
     assert report["n"] == 64 and report["passes"] == 2
     series_bytes = 4 * report["n"] * SHAPE[0] * SHAPE[1] * SHAPE[2]
     bound = 2 * BUDGET + THREADS * working_set(SHAPE)
@@ -99,21 +111,10 @@ def test_estimator_peak_memory_follows_budget_and_working_set(tmp_path):
 
 
 MEDIAN_CHILD = r"""
-import json, sys
-import dask
-import nidask
-
-def status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-
 image, bvec, bval, output, budget = sys.argv[1:6]
 with dask.config.set({"nidask.chunk-size": int(budget), "num_workers": 2}):
     dataset = nidask.load(image, bvec_file=bvec, bval_file=bval)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    reset_peak()
     baseline = status("VmRSS")
     result = dataset.materialize(output)  # the b=0 median is computed along
     print(json.dumps({
@@ -147,22 +148,8 @@ def test_b0_median_memory_does_not_grow_with_the_b0_count(tmp_path):
             f.write(rng.normal(100.0, 10.0, shape).astype("<f4").tobytes(order="F"))
     np.savetxt(tmp_path / "dwi.bval", bvals[None], fmt="%g")
     np.savetxt(tmp_path / "dwi.bvec", bvecs, fmt="%g")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [PACKAGE_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    )
-    env["MALLOC_TRIM_THRESHOLD_"] = "65536"
-    paths = [str(image), str(tmp_path / "dwi.bvec"), str(tmp_path / "dwi.bval")]
-    result = subprocess.run(
-        [sys.executable, "-c", MEDIAN_CHILD, *paths, str(tmp_path / "out.npy"), str(BUDGET)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    paths = [image, tmp_path / "dwi.bvec", tmp_path / "dwi.bval", tmp_path / "out.npy"]
+    report = run_child(MEDIAN_CHILD, *paths, BUDGET)
     assert report["n_b0"] == n_b0
     assert abs(report["bzero_mean"] - 100.0) < 1.0  # the median of N(100, 10) noise
     b0_bytes = 4 * n_b0 * shape[0] * shape[1] * shape[2]
