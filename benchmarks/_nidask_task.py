@@ -260,6 +260,10 @@ def task_estimate(args) -> dict:
         )
         with cluster, Client(cluster) as client:
             start = time.perf_counter()
+            if args.warm:  # each worker compiles the kernels once, as a long-lived one has
+                client.run(import_nidask_module("ops.kernels").warm_up)
+            warm_s = time.perf_counter() - start
+            start = time.perf_counter()
             result = estimator.run(dataset, client=client, workdir=workdir)
             cluster_s = time.perf_counter() - start
     else:
@@ -274,7 +278,7 @@ def task_estimate(args) -> dict:
         for flag in volume.get("flags", []):
             flags[flag] = flags.get(flag, 0) + 1
     extra = (
-        {"cluster_workers": args.cluster_workers, "run_s": cluster_s}
+        {"cluster_workers": args.cluster_workers, "run_s": cluster_s, "warm_up_s": warm_s}
         if args.cluster_workers
         else {}
     )

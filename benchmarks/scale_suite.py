@@ -13,8 +13,10 @@ and OpenNeuro ship it) and measures, each in its own child process:
   same threads): its seconds per volume, and its accuracy on those volumes;
 - **1 vs 2 cluster workers** (``distributed.LocalCluster``, processes, one thread
   each) on the first 96 volumes as ``.nii``, two passes: the speed-up of the
-  estimation itself (gunzip is one stream, the same for any number of workers, and is
-  measured by the rows above).
+  estimation itself, on workers that compiled the kernels first (``warm_up_s``, a
+  once-per-worker cost, as the other rows' baseline is warm), from an uncompressed copy
+  (gunzip is one stream, the same for any number of workers, and is measured by the
+  rows above).
 
 ``--scale-parts`` picks some of ``full,flat,ants,cluster`` (default all).
 
@@ -150,7 +152,8 @@ def _row(ctx, series, tool: str, model: str, record: dict, estimate, **extra) ->
         row["loadavg_at_start"] = record["loadavg_at_start"][0]
         row["errors"] = es.score(series, estimate, np.arange(series.n_volumes), series.mask())
         row["note"] = "; ".join(
-            f"{k} {record[k]:.0f} MB" for k in ("run_dir_mb", "cache_mb") if record.get(k)
+            [f"{k} {record[k]:.0f} MB" for k in ("run_dir_mb", "cache_mb") if record.get(k)]
+            + [f"{k} {record[k]:.1f} s" for k in ("warm_up_s", "run_s") if record.get(k)]
         )
     return row
 
