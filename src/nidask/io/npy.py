@@ -89,9 +89,7 @@ class NpyFile:
         out = np.empty((len(blocks), self.block), dtype=self.dtype)
         with open(self.path, "rb") as f:
             for row, block in zip(out, blocks, strict=True):
-                f.seek(self.byte(int(block)))
-                if f.readinto(memoryview(row).cast("B")) != row.nbytes:
-                    raise InputError("file is shorter than its header declares", self.path)
+                self._read_into(f, self.byte(int(block)), row)
         return out
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
@@ -111,9 +109,13 @@ class NpyFile:
     def read_span(self, block: int, start: int, stop: int, out: np.ndarray) -> None:
         """Elements ``start:stop`` of one block into ``out`` (one ``pread``)."""
         with open(self.path, "rb") as f:
-            f.seek(self.byte(block, start))
-            if f.readinto(memoryview(out).cast("B")) != out.nbytes:
-                raise InputError("file is shorter than its header declares", self.path)
+            self._read_into(f, self.byte(block, start), out)
+
+    def _read_into(self, f, offset: int, out: np.ndarray) -> None:
+        """Fill ``out`` from byte ``offset`` of the open file ``f``."""
+        f.seek(offset)
+        if f.readinto(memoryview(out).cast("B")) != out.nbytes:
+            raise InputError("file is shorter than its header declares", self.path)
 
     def write(self, values: np.ndarray, block: int, start: int = 0) -> None:
         """Write ``values`` (in this file's dtype) from element ``start`` of ``block`` on."""
