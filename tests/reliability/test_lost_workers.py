@@ -37,14 +37,24 @@ BLOCK_DELAY = 0.3
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A client on its own cluster: killing its workers disturbs no other test."""
+    """A client on its own cluster: killing its workers disturbs no other test.
+
+    ``SpecCluster`` closes a lost worker's nanny if, ``lost-worker-timeout`` (15 s)
+    after the loss, no worker of that name is registered.  A worker killed twice
+    within that time (one test, then the next) can be down, mid-restart, when the
+    first kill's timer fires: its nanny is closed and the cluster stays at one worker.
+    The tests kill workers on purpose, so the timeout outlives the module.
+    """
     from distributed import Client, LocalCluster
 
-    local = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
-    client = Client(local, set_as_default=False)
-    yield client
-    client.close()
-    local.close()
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"}):
+        local = LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        )
+        client = Client(local, set_as_default=False)
+        yield client
+        client.close()
+        local.close()
 
 
 def slowly(block, markers):
