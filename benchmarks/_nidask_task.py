@@ -252,12 +252,10 @@ def task_estimate(args) -> dict:
     estimator = nidask.Estimator(model=model, **options)
     workdir = os.path.join(out, "run")
     if args.cluster_workers:
-        from distributed import Client, LocalCluster
+        from distributed import Client
 
-        # one single-threaded process per worker; the run's memory is in the workers
-        cluster = LocalCluster(
-            n_workers=args.cluster_workers, threads_per_worker=1, processes=True
-        )
+        # one single-threaded process per worker, lean monitoring (nidask.cluster)
+        cluster = import_nidask_module("cluster").local_cluster(args.cluster_workers)
         with cluster, Client(cluster) as client:
             start = time.perf_counter()
             if args.warm:  # each worker compiles the kernels once, as a long-lived one has

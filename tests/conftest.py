@@ -250,16 +250,16 @@ def process_pool():
 
 @pytest.fixture(scope="session")
 def local_cluster():
-    """A ``distributed.Client`` on a 2-worker process-based LocalCluster.
+    """A ``distributed.Client`` on nidask's 2-worker process-based LocalCluster.
 
     The client is *not* the default scheduler (so other tests keep the threaded
     one): compute with ``client.compute(x).result()`` or ``scheduler=client``.
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    cluster = LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-    )
+    from nidask.cluster import local_cluster as start_local_cluster
+
+    cluster = start_local_cluster(2, dashboard_address=None)
     client = Client(cluster, set_as_default=False)
     yield client
     client.close()

@@ -15,7 +15,7 @@ PACKAGE = Path(nidask.__file__).parent
 
 #: Lowest first: a module may import modules of its own layer or below.
 LAYERS = [
-    {"config", "errors", "progress", "geometry"},
+    {"config", "errors", "progress", "geometry", "cluster"},
     {"io"},
     {"ops"},
     {"dataset", "dmri", "pet", "bold", "export", "loading"},

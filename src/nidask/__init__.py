@@ -9,7 +9,7 @@ estimator asks for data.
 
 from __future__ import annotations
 
-from nidask import bold, config, dmri, pet
+from nidask import bold, cluster, config, dmri, pet
 from nidask.bold import BOLD
 from nidask.dataset import BaseDataset
 from nidask.dmri import DWI
@@ -32,6 +32,7 @@ __all__ = [
     "OutputError",
     "PET",
     "bold",
+    "cluster",
     "config",
     "dmri",
     "load",

@@ -166,9 +166,9 @@ def _positive_int(value: str) -> int:
 def scheduler(name: str, workers: int | None):
     """Run the enclosed computations on a dask scheduler named on the command line.
 
-    ``threads`` (default), ``processes``, ``synchronous``, ``local`` (a
-    ``distributed.LocalCluster`` of ``workers`` processes) or the address of a
-    running ``distributed`` scheduler.  Yields the ``distributed.Client`` or ``None``.
+    ``threads`` (default), ``processes``, ``synchronous``, ``local``
+    (:func:`nidask.cluster.local_cluster` of ``workers`` processes) or the address of
+    a running ``distributed`` scheduler.  Yields the ``distributed.Client`` or ``None``.
     """
     import dask
 
@@ -181,10 +181,12 @@ def scheduler(name: str, workers: int | None):
         with dask.config.set(settings):
             yield None
         return
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if name == "local":
-        cluster = LocalCluster(n_workers=workers or 2, threads_per_worker=1)
+        from nidask.cluster import local_cluster
+
+        cluster = local_cluster(workers or 2)
         with cluster, Client(cluster) as client:
             _say(f"dashboard: {client.dashboard_link}", file=sys.stderr)
             yield client
@@ -294,7 +296,7 @@ def _scheduler_options(parser, default_workers=None) -> None:
         "--scheduler",
         default="threads",
         metavar="NAME|ADDRESS",
-        help="threads (default), processes, synchronous, local (a LocalCluster) or "
+        help="threads (default), processes, synchronous, local (nidask.cluster.local_cluster) or "
         "the address of a dask.distributed scheduler (tcp://host:8786)",
     )
     group.add_argument(
