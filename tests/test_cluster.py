@@ -59,7 +59,8 @@ def test_local_cluster_without_lean_monitoring_has_distributed_defaults():
         with Client(cluster) as client:
             tick, nannies, workers = _monitoring(cluster, client)
     default_tick = dask.utils.parse_timedelta(dask.config.get("distributed.admin.tick.interval"))
-    assert tick == pytest.approx(default_tick) != pytest.approx(0.2)
+    assert default_tick != pytest.approx(0.2)
+    assert tick == pytest.approx(default_tick)
     assert workers[0][0] is True  # the statistical profiler runs
     assert nannies[0] != pytest.approx(0.5)
     assert LEAN_MONITORING["distributed.worker.profile.enabled"] is False
