@@ -11,8 +11,9 @@ and OpenNeuro ship it) and measures, each in its own child process:
 - **the same on the first 96 volumes**: the flat-memory row (same grid, same options);
 - **ANTs to b0** on the first ``ANTS_VOLUMES`` volumes (antspyx in the peer venv,
   same threads): its seconds per volume, and its accuracy on those volumes;
-- **1 vs 2 cluster workers** (``distributed.LocalCluster``, processes, one thread
-  each) on the first 96 volumes as ``.nii``, two passes: the speed-up of the
+- **1 vs 2 cluster workers** (:func:`nidask.cluster.local_cluster`: processes, one
+  thread each, lean monitoring) on the first 96 volumes as ``.nii``, two passes: the
+  speed-up of the
   estimation itself, on workers that compiled the kernels first (``warm_up_s``, a
   once-per-worker cost, as the other rows' baseline is warm), from an uncompressed copy
   (gunzip is one stream, the same for any number of workers, and is measured by the

@@ -4,11 +4,10 @@ An estimator's fold task keeps one core busy for seconds.  Beside it, on every
 worker, ``distributed`` runs its own monitoring in the worker's event loop: the
 statistical profiler samples the task's stack every 10 ms, every server checks its
 event loop every 20 ms, and each nanny (in the client's process) reads its worker's
-memory every 100 ms.  On this project's 2-core machine that took 0.09 core per
-worker and 0.06 in the client's process (docs/cluster.md, "Monitoring costs cores").
-Where every core runs a worker, those cores are taken from the tasks: two workers
-ran the same registrations 1.80 x faster than one with the defaults, 1.91 x with
-:data:`LEAN_MONITORING`.
+memory every 100 ms.  On this project's 2-core machine that took 0.08-0.09 core per
+worker and 0.06 in the client's process, and 0.01-0.02 and 0.02 with
+:data:`LEAN_MONITORING` (docs/cluster.md, "Monitoring costs cores").  Where every
+core runs a worker, those cores are taken from the tasks.
 
 :func:`local_cluster` starts the cluster with :data:`LEAN_MONITORING`, which keeps
 every safeguard (memory limits, heartbeats, the dashboard) but samples less often and
