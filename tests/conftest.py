@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from nidask import phantom
+from nidask.geometry import ras_to_fsl
 from nidask.io.cache import Cache
 from nidask.io.sources import (
     GzipNiftiSource,
@@ -73,11 +74,21 @@ def write_nifti(path, data, affine=None, *, slope=None, inter=None, dtype=None) 
     return os.fspath(path)
 
 
-def write_bvec_bval(stem, bvecs, bvals, *, rows: bool = True) -> tuple[str, str]:
-    """Write FSL ``.bvec`` (3xN, or Nx3 with ``rows=False``) and ``.bval`` files."""
+def write_bvec_bval(stem, bvecs, bvals, *, rows: bool = True, affine=None) -> tuple[str, str]:
+    """Write FSL ``.bvec`` (3xN, or Nx3 with ``rows=False``) and ``.bval`` files.
+
+    ``bvecs`` are RAS+ directions, written in FSL's voxel frame of an image of
+    ``affine`` (default: the phantoms' axis-aligned RAS affine, where FSL negates x);
+    their norms are kept.
+    """
     stem = os.fspath(stem)
     bvecs = np.asarray(bvecs, dtype=float).reshape(-1, 3)
-    np.savetxt(f"{stem}.bvec", bvecs.T if rows else bvecs, fmt="%.8f")
+    affine = phantom.phantom_affine(SHAPE3D) if affine is None else affine
+    with np.errstate(all="ignore"):  # non-finite rows are written as they are
+        norms = np.linalg.norm(bvecs, axis=1, keepdims=True)
+        fsl = ras_to_fsl(np.nan_to_num(bvecs), affine) * norms
+    fsl = np.where(np.isfinite(norms), fsl, bvecs)
+    np.savetxt(f"{stem}.bvec", fsl.T if rows else fsl, fmt="%.8f")
     np.savetxt(f"{stem}.bval", np.asarray(bvals, dtype=float)[np.newaxis], fmt="%g")
     return f"{stem}.bvec", f"{stem}.bval"
 

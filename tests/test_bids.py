@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import nidask
-from conftest import write_nifti
+from conftest import write_bvec_bval, write_nifti
 from nidask import bids
 from nidask.errors import InputError, OutputError
 
@@ -32,8 +32,7 @@ def _series(path, n: int = N):
 def _gradients(stem, seed: int, bvalue: float = 1000.0):
     stem.parent.mkdir(parents=True, exist_ok=True)
     bvecs = _directions(N, seed)
-    np.savetxt(f"{stem}.bvec", bvecs.T, fmt="%.8f")
-    np.savetxt(f"{stem}.bval", np.r_[0, 0, np.full(N - 2, bvalue)][None], fmt="%g")
+    write_bvec_bval(stem, bvecs, np.r_[0, 0, np.full(N - 2, bvalue)])
     return bvecs
 
 

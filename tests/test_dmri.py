@@ -80,7 +80,7 @@ def test_non_unit_vectors_normalised_and_b_scaled(tmp_path):
     assert dwi.bvals[0] == pytest.approx(2000.0)
     assert dwi.bvals[1] == pytest.approx(500.0)
     # the same through the reader, from a 4-column table
-    table = read_gradients(bvec_file=bvec, bval_file=bval)
+    table = read_gradients(bvec_file=bvec, bval_file=bval, affine=dwi.affine)
     np.testing.assert_allclose(table[1:], dwi.gradients)
 
 

@@ -15,6 +15,7 @@ import pytest
 import nidask
 from conftest import N_B0, N_DIRECTIONS, SHAPE3D, graph_sources, write_hdf5_series
 from nidask import DWI, PET, BaseDataset
+from nidask.geometry import ras_to_fsl
 from nidask.io.sources import HDF5Source
 
 
@@ -182,7 +183,13 @@ def test_written_layout_and_attributes(dwi_phantom, pet_phantom, tmp_path):
             assert dset.dtype == ds.dtype
             np.testing.assert_array_equal(f["0/affine"][()], ds.affine)
             if name == "dwi":
-                np.testing.assert_array_equal(f["0/gradients"][()], dwi.gradients)
+                # nifreeze's frame: FSL's numbers along the voxel axes (x negated here)
+                stored = f["0/gradients"][()]
+                np.testing.assert_array_equal(stored[:, 3], dwi.gradients[:, 3])
+                np.testing.assert_allclose(
+                    stored[:, :3], ras_to_fsl(dwi.gradients[:, :3], dwi.affine), atol=1e-15
+                )
+                np.testing.assert_allclose(stored[:, 0], -dwi.gradients[:, 0], atol=1e-15)
                 np.testing.assert_array_equal(f["0/bzero"][()], dwi.bzero.compute())
             if name == "pet":
                 np.testing.assert_array_equal(f["0/midframe"][()], pet.midframe)

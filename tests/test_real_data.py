@@ -108,6 +108,16 @@ def converted(tmp_path_factory):
     return paths
 
 
+def _dicom_gradient_direction(index: int) -> np.ndarray:
+    """Siemens' DiffusionGradientDirection (0019,100e) of DICOM ``index``: LPS axes."""
+    import pydicom
+
+    dicoms = sorted(os.listdir(package_file("heudiconv", "tests", "data", "b0dwiForFmap")))
+    folder = package_file("heudiconv", "tests", "data", "b0dwiForFmap")
+    header = pydicom.dcmread(os.path.join(folder, dicoms[index]), stop_before_pixels=True)
+    return np.array(header[0x0019, 0x100E].value, dtype=float)
+
+
 def test_dicom_series_loads(converted):
     assert np.loadtxt(converted["bval"]).tolist() == [5, 5, 1500]
     assert np.loadtxt(converted["bvec"]).shape == (3, 3)  # N=3: the ambiguous case
@@ -117,8 +127,11 @@ def test_dicom_series_loads(converted):
         assert dwi.b0_index.tolist() == [0, 1]
         assert dwi.original_index.tolist() == [2]
         assert dwi.shape == (150, 152, 81, 1)
-        # FSL's 3xN: the third column is the b=1500 direction
-        np.testing.assert_allclose(dwi.bvecs[0], [0.999863, -0.0149667, -0.00703256], atol=1e-5)
+        # FSL's 3xN: the third column is the b=1500 direction, in the LAS image's voxel
+        # frame; in RAS it is the scanner's own direction (DICOM's LPS, x and y negated)
+        lps = _dicom_gradient_direction(2)
+        np.testing.assert_allclose(dwi.bvecs[0], [-lps[0], -lps[1], lps[2]], atol=1e-5)
+        assert np.linalg.det(dwi.affine) < 0 and abs(dwi.bvecs[0][0]) > 0.99
         assert dwi.bvals.tolist() == pytest.approx([1500.0], rel=1e-4)
         # it converts (b=0 volumes written back in file order)
         whole = dwi.whole_series()

@@ -3,7 +3,9 @@
 Conventions follow nifreeze 0.1.0: ``gradients`` is an (N, 4) table of unit
 direction + b-value rows; a volume is a *b=0* when its b-value is at most
 ``B0_THRESHOLD``; non-unit directions are normalised and their b-value multiplied
-by the norm, and near-zero directions mark b=0 volumes.  The b=0 volumes leave
+by the norm, and near-zero directions mark b=0 volumes.  Directions are RAS+
+(FSL's ``.bvec`` numbers are turned into RAS+ with the image's affine when read, and
+back when written; :func:`nidask.geometry.fsl_to_ras`).  The b=0 volumes leave
 ``dataobj`` (a deferred selection) and are summarised in ``bzero``.
 """
 
@@ -19,6 +21,7 @@ import numpy as np
 from nidask.config import b0_threshold, chunk_bytes
 from nidask.dataset import BaseDataset, interleave_volumes, open_series, take_volumes
 from nidask.errors import InputError
+from nidask.geometry import fsl_to_ras, ras_to_fsl
 from nidask.io.cache import Cache
 from nidask.io.sources import check_readable, open_source, source_of
 
@@ -145,7 +148,11 @@ def _orient_bvecs(bvecs: np.ndarray, bvals: np.ndarray, path, bval_path=None) ->
 
 
 def read_gradients(
-    bvec_file=None, bval_file=None, gradients_file=None, n_volumes: int | None = None
+    bvec_file=None,
+    bval_file=None,
+    gradients_file=None,
+    n_volumes: int | None = None,
+    affine=None,
 ) -> np.ndarray:
     """Read a gradient table from FSL ``.bvec``/``.bval`` files or an MRtrix-style table.
 
@@ -154,13 +161,18 @@ def read_gradients(
     bvec_file, bval_file : path-like, optional
         FSL-style b-vectors (3xN or Nx3; a 3x3 file is oriented by which of its rows
         or columns are unit vectors, FSL's 3xN when undecided) and b-values (one row
-        or one column).
+        or one column).  FSL's numbers are along the image's voxel axes (x negated
+        when the affine's determinant is positive): with ``affine`` they are turned
+        into RAS+ directions (:func:`nidask.geometry.fsl_to_ras`), without it they
+        are returned as written.
     gradients_file : path-like, optional
         Rows of ``x y z b`` with directions in RAS+ (scanner) coordinates, as MRtrix
         ``.b`` tables (``#`` comment lines allowed); a (4, N) table is read too.
         Takes precedence over ``bvec_file``/``bval_file``.
     n_volumes : int, optional
         The series' volume count, which the table must match.
+    affine : array-like (4, 4), optional
+        The image's voxel-to-RAS affine, which gives FSL's b-vectors their frame.
 
     Returns
     -------
@@ -201,6 +213,8 @@ def read_gradients(
             raise InputError(f"negative b-value {_which(negative)}", bval_file)
         bvecs = _orient_bvecs(bvecs, bvals, source, bval_file)
         table = normalize_gradients(np.column_stack((bvecs, bvals)), source)
+        if affine is not None:
+            table[:, :3] = fsl_to_ras(table[:, :3], affine)
     else:
         raise InputError("no gradient information: give bvec_file + bval_file or gradients_file")
     if n_volumes is not None and len(table) != n_volumes:
@@ -359,7 +373,7 @@ class DWI(BaseDataset):
         fields = {}
         if self.motion_affines is not None:
             gradients = self.gradients.copy()
-            gradients[:, :3] = rotate_bvecs(self.bvecs, self.affine, self.motion_affines)
+            gradients[:, :3] = rotate_bvecs(self.bvecs, self.motion_affines)
             fields["gradients"] = gradients
         if self.b0s is not None and self.b0_motion_affines is not None:
             fields["b0s"] = resample_series(
@@ -458,12 +472,23 @@ class DWI(BaseDataset):
             }
         }
 
+    def stored_fields(self) -> dict:
+        """NFDH5 fields; ``gradients`` in nifreeze's frame, FSL's numbers (voxel axes)."""
+        fields = super().stored_fields()
+        gradients = fields["gradients"].copy()
+        gradients[:, :3] = ras_to_fsl(gradients[:, :3], self.affine)
+        fields["gradients"] = gradients
+        return fields
+
     @classmethod
     def from_stored(cls, data, fields, *, path, cache) -> DWI:
         """A DWI from its NFDH5 fields; b=0 volumes still in ``dataobj`` are set aside."""
         if "gradients" in fields:
             # (N, 4), finite, non-negative b: b=0 volumes are found from it below
             fields["gradients"] = normalize_gradients(fields["gradients"], path)
+            # stored as nifreeze stores them: FSL's numbers, along the voxel axes
+            affine = fields.get("affine", np.eye(4))
+            fields["gradients"][:, :3] = fsl_to_ras(fields["gradients"][:, :3], affine)
             if len(fields["gradients"]) != data.shape[3]:
                 raise InputError(
                     f"gradients has {len(fields['gradients'])} entries "
@@ -532,8 +557,9 @@ class DWI(BaseDataset):
         def bval(path):
             np.savetxt(path, gradients[:, 3][np.newaxis], fmt=f"%.{bvals_dec_places}f")
 
-        def bvec(path):
-            np.savetxt(path, gradients[:, :3].T, fmt=f"%.{bvecs_dec_places}f")
+        def bvec(path):  # FSL's voxel frame (the table is RAS)
+            fsl = ras_to_fsl(gradients[:, :3], series.affine)
+            np.savetxt(path, fsl.T, fmt=f"%.{bvecs_dec_places}f")
 
         return series, data, {".bval": bval, ".bvec": bvec}
 
@@ -673,7 +699,9 @@ def from_nii(
     gradient_files = (gradients_file,) if gradients_file is not None else (bvec_file, bval_file)
     source, fields = open_series(filename, brainmask_file, gradient_files, cache=cache)
     data = fields.pop("dataobj")
-    table = read_gradients(bvec_file, bval_file, gradients_file, n_volumes=source.shape[3])
+    table = read_gradients(
+        bvec_file, bval_file, gradients_file, n_volumes=source.shape[3], affine=fields["affine"]
+    )
     keep, bzero = split_b0(data, table)
     if keep.size == 0:
         # a DWI with fewer volumes than a model needs still loads (to convert, export or

@@ -36,9 +36,11 @@ __all__ = [
     "check_matrix",
     "check_matrix_stack",
     "fov_center",
+    "fsl_to_ras",
     "framewise_displacement",
     "motion_parameters",
     "motion_table",
+    "ras_to_fsl",
     "rigid_matrix",
     "rigid_params",
     "rotation_and_derivatives",
@@ -244,6 +246,59 @@ def rigid_params(A: ArrayLike, center: ArrayLike | None = None) -> np.ndarray:
         rx = math.atan2(-rot[1, 2], rot[1, 1])
     t = m[:3, :3] @ c + m[:3, 3] - c
     return np.array([t[0], t[1], t[2], rx, ry, rz])
+
+
+def _voxel_axes_rotation(affine) -> tuple[np.ndarray, bool]:
+    """The orthonormal part of an affine's linear part, and whether FSL flips x.
+
+    Polar decomposition keeps the handedness: an LAS image (``det < 0``) gives a
+    reflection, whose columns are the voxel axes' RAS directions.
+    """
+    linear = np.asarray(affine, dtype=np.float64)[:3, :3]
+    u, _, vt = np.linalg.svd(linear)
+    return u @ vt, bool(np.linalg.det(linear) > 0)
+
+
+def fsl_to_ras(bvecs: ArrayLike, affine: ArrayLike) -> np.ndarray:
+    """Directions of an FSL ``.bvec`` table (N, 3) as RAS+ unit vectors.
+
+    FSL's b-vectors are along the image's voxel axes, with the x component negated
+    when the affine's determinant is positive (FSL's radiological voxel frame; the
+    convention nibabel, dipy and MRtrix document).  Zero vectors (b=0) stay zero.
+
+    >>> las = np.diag([-2.0, 2.0, 2.0, 1.0])  # dcm2niix's usual frame: no flip
+    >>> fsl_to_ras([[1.0, 0.0, 0.0]], las) + 0.0
+    array([[-1.,  0.,  0.]])
+    >>> fsl_to_ras([[1.0, 0.0, 0.0]], np.diag([2.0, 2.0, 2.0, 1.0])) + 0.0  # RAS: flipped
+    array([[-1.,  0.,  0.]])
+    """
+    rotation, flip = _voxel_axes_rotation(affine)
+    voxel = np.array(bvecs, dtype=np.float64, ndmin=2)
+    if flip:
+        voxel[:, 0] = -voxel[:, 0]
+    return _unit_rows(voxel @ rotation.T)
+
+
+def ras_to_fsl(bvecs: ArrayLike, affine: ArrayLike) -> np.ndarray:
+    """RAS+ directions (N, 3) as FSL ``.bvec`` numbers for an image of ``affine``.
+
+    The inverse of :func:`fsl_to_ras`.
+
+    >>> oblique = rigid_matrix([0, 0, 0, 0.1, -0.2, 0.3]) @ np.diag([1.5, 2.0, 2.5, 1.0])
+    >>> v = np.array([[0.0, 0.6, 0.8]])
+    >>> bool(np.allclose(fsl_to_ras(ras_to_fsl(v, oblique), oblique), v))
+    True
+    """
+    rotation, flip = _voxel_axes_rotation(affine)
+    voxel = np.array(bvecs, dtype=np.float64, ndmin=2) @ rotation
+    if flip:
+        voxel[:, 0] = -voxel[:, 0]
+    return _unit_rows(voxel)
+
+
+def _unit_rows(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
 
 
 def fov_center(affine: ArrayLike, shape: Sequence[int]) -> np.ndarray:

@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from nidask.errors import InputError
 from nidask.evaluation import motion_errors  # noqa: F401  (nidask.phantom.motion_errors)
-from nidask.geometry import fov_center, rigid_matrix
+from nidask.geometry import fov_center, ras_to_fsl, rigid_matrix
 from nidask.ops.resample import block_mean, resample_volume
 
 
@@ -491,7 +491,7 @@ def make_dwi(
     _write_series(volumes(), n, affine, path, dtype, mask, scale=1000.0)
     stem = os.path.join(os.fspath(directory), name)
     np.savetxt(f"{stem}.bval", bvals[np.newaxis], fmt="%g")
-    np.savetxt(f"{stem}.bvec", bvecs.T, fmt="%.6f")
+    np.savetxt(f"{stem}.bvec", ras_to_fsl(bvecs, affine).T, fmt="%.6f")
     companions = {
         "bvec_file": f"{stem}.bvec",
         "bval_file": f"{stem}.bval",

@@ -379,23 +379,20 @@ def resample_series(
     )
 
 
-def rotate_bvecs(bvecs, affine, motion_affines) -> np.ndarray:
-    """Rotate b-vectors (voxel-axis frame) into the realigned reference space.
+def rotate_bvecs(bvecs, motion_affines) -> np.ndarray:
+    """Rotate RAS+ b-vectors into the realigned reference space.
 
-    Per volume, ``b' = (inv(affine) @ inv(A) @ affine)[:3, :3] @ b``, then ``b'`` is
-    scaled to unit length (all-zero vectors stay zero).  Before renormalisation
-    this is exactly nifreeze 0.1.0's ``transform_fsl_bvec(b, A, affine, invert=True)``
-    (nidask computes it in the same order of operations); nifreeze does not
-    renormalise, which differs only when the voxel-frame matrix is not orthogonal
-    (anisotropic voxels with rotations mixing axes of different size, or a
-    non-rigid ``A``).
+    A volume acquired with the head at ``A`` (reference RAS+ to moving RAS+) saw the
+    scanner's gradient ``g`` along ``R^T g`` of the reference anatomy, ``R`` the
+    rotation of ``A`` (its nearest rotation, for a matrix with an eddy-current or
+    other non-rigid part: only the rotation turns a direction).  All-zero vectors
+    stay zero.
 
     Parameters
     ----------
     bvecs : array-like, shape (N, 3)
-        One b-vector per volume, expressed along the image's voxel axes.
-    affine : array-like, shape (4, 4)
-        Voxel-to-RAS+ affine of the series.
+        One RAS+ direction per volume (:func:`nidask.geometry.fsl_to_ras` turns an
+        FSL table into these).
     motion_affines : array-like, shape (N, 4, 4)
         Motion matrices ``A`` (reference RAS+ to moving RAS+), as for
         :func:`resample_series`.
@@ -409,16 +406,10 @@ def rotate_bvecs(bvecs, affine, motion_affines) -> np.ndarray:
     InputError
         On shape mismatches, non-finite b-vectors, or bad matrices.
 
-    Notes
-    -----
-    Like nifreeze, this treats the b-vector as a direction along the voxel axes and
-    ignores FSL's convention of flipping the x component for images whose affine has
-    a positive determinant.
-
     Examples
     --------
     >>> A = np.eye(4); A[:2, :2] = [[0.0, -1.0], [1.0, 0.0]]  # 90 degrees about z
-    >>> rotate_bvecs([[1.0, 0.0, 0.0]], np.eye(4), A[None]).round(12) + 0.0
+    >>> rotate_bvecs([[1.0, 0.0, 0.0]], A[None]).round(12) + 0.0
     array([[ 0., -1.,  0.]])
     """
     try:
@@ -429,13 +420,12 @@ def rotate_bvecs(bvecs, affine, motion_affines) -> np.ndarray:
         raise InputError(f"bvecs must have shape (N, 3), got {b.shape}")
     if not np.all(np.isfinite(b)):
         raise InputError("bvecs has non-finite (NaN or infinite) entries")
-    aff = check_matrix(affine, name="affine")
     stack = check_matrix_stack(motion_affines)
     if stack.shape[0] != b.shape[0]:
         raise InputError(f"got {stack.shape[0]} motion matrices for {b.shape[0]} b-vectors")
-    # Same order of operations as nifreeze: inv(imaffine) @ inv(xfm) @ imaffine.
-    ijk2ijk = np.linalg.inv(aff) @ np.linalg.inv(stack) @ aff
-    rotated = np.einsum("nij,nj->ni", ijk2ijk[:, :3, :3], b)
+    u, _, vt = np.linalg.svd(stack[:, :3, :3])
+    rotations = u @ vt
+    rotated = np.einsum("nji,nj->ni", rotations, b)  # R^T b
     norms = np.linalg.norm(rotated, axis=1)
     nonzero = np.any(b != 0.0, axis=1)
     rotated[nonzero] /= norms[nonzero, None]
