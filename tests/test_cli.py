@@ -270,7 +270,7 @@ def test_estimate_interrupted_then_resumed(dwi_phantom, tmp_path):
         "flags",
     ]
     fields = [r.split("\t") for r in rows[1:]]
-    known = {"small_fov", "implausible", "poor_fit", "unconverged"}
+    known = {"small_fov", "implausible", "poor_fit", "unconverged", "inconsistent"}
     assert all(set(f[9].split(",")) <= known for f in fields)
     assert all("small_fov" in f[9] for f in fields)  # a 4 cm field of view
     table = np.array([f[:9] for f in fields], dtype=float)

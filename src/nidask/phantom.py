@@ -247,8 +247,18 @@ def brain_model(shape3d, rng: np.random.Generator) -> BrainModel:
     fractions = np.stack([scalp, csf, grey, white]).astype(np.float32)
     s0 = np.einsum("k,k...->...", np.asarray(BrainModel.t2_signal, np.float32), fractions)
     s0 *= 1 + 0.04 * smooth_field(shape3d, 0.7 * scale, rng)
-    # fibre directions vary smoothly, with a voxel-scale dispersion (about 15 degrees)
-    # that the acquisition grid averages over
+    return BrainModel(
+        s0=s0.astype(np.float32), fractions=fractions, **_fibres(shape3d, scale, rng)
+    )
+
+
+def _fibres(shape3d, scale: float, rng: np.random.Generator) -> dict:
+    """Fibre fields of a :class:`BrainModel`: ``fibre1``, ``fibre2`` and ``crossing``.
+
+    Directions vary smoothly (over ``scale`` voxels), with a voxel-scale dispersion
+    (about 15 degrees) that the acquisition grid averages over; fibres cross in
+    about a third of the volume.
+    """
     fibre1 = _unit(
         np.stack([smooth_field(shape3d, 2.5 * scale, rng) for _ in range(3)])
         + np.reshape(rng.normal(size=3), (3, 1, 1, 1)).astype(np.float32)
@@ -258,13 +268,144 @@ def brain_model(shape3d, rng: np.random.Generator) -> BrainModel:
     other += 0.27 * rng.standard_normal(other.shape).astype(np.float32)
     fibre2 = _unit(other - np.einsum("i...,i...->...", other, fibre1) * fibre1)
     crossing = np.clip(smooth_field(shape3d, 2 * scale, rng) - 0.4, 0, 0.5).astype(np.float32)
-    return BrainModel(
+    return {
+        "fibre1": fibre1.astype(np.float32),
+        "fibre2": fibre2.astype(np.float32),
+        "crossing": crossing,
+    }
+
+
+@attrs.define
+class RealAnatomy:
+    """A :class:`BrainModel` built on a real scan, with its grid and brain mask."""
+
+    brain: BrainModel
+    affine: np.ndarray
+    mask: np.ndarray
+
+    @property
+    def shape3d(self) -> tuple:
+        return self.mask.shape
+
+
+def real_anatomy(
+    b0: np.ndarray,
+    weighted: np.ndarray,
+    bvalue: float,
+    affine: np.ndarray,
+    zooms: float = 2.0,
+    seed: int = 0,
+) -> RealAnatomy:
+    """Tissue classes of a real scan, regridded to ``zooms`` mm, as a brain model.
+
+    ``b0`` and ``weighted`` (one diffusion-weighted volume at ``bvalue``) are the
+    scan's images on the grid of ``affine`` (heudiconv's Siemens DWI, as dcm2niix
+    writes it, is what the benchmarks use).  The new grid keeps the scan's
+    orientation (an oblique LAS image stays one), covers the head with a margin, and
+    is sampled from the scan smoothed to the new voxel size.  CSF is where the
+    apparent diffusivity is high; white matter is the darker tissue of the
+    T2-weighted b=0 (its 25th to 65th percentile ramp); the rest of the brain is grey
+    matter, and signal outside the brain is scalp.  The b=0 signal ``s0`` is the
+    scan's own b=0, so every edge and texture of the anatomy is real; fibre
+    directions are smooth random fields (:func:`_fibres`).
+    """
+    rng = np.random.default_rng(seed)
+    b0 = np.asarray(b0, dtype=np.float64)
+    weighted = np.asarray(weighted, dtype=np.float64)
+    affine = np.asarray(affine, dtype=np.float64)
+    old_zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    level = float(np.percentile(b0, 99))
+    head = ndimage.binary_dilation(b0 > 0.05 * level, iterations=2)
+    corners = np.array(np.nonzero(head)).T
+    low, high = corners.min(axis=0), corners.max(axis=0)
+    extent = (high - low) * old_zooms + 8.0  # mm, 4 mm of margin each side
+    shape3d = tuple(int(np.ceil(e / zooms)) for e in extent)
+    new = affine[:3, :3] / old_zooms * zooms
+    start = affine[:3, :3] @ low + affine[:3, 3] - new @ np.full(3, 4.0 / zooms)
+    new_affine = np.eye(4)
+    new_affine[:3, :3], new_affine[:3, 3] = new, start
+    voxel = np.linalg.inv(affine) @ new_affine
+    # a Gaussian of the new voxel's width (FWHM) less the old one's
+    sigma = np.sqrt(np.maximum(zooms**2 - old_zooms**2, 0)) / 2.355 / old_zooms
+
+    def regrid(image):
+        smooth = ndimage.gaussian_filter(image, sigma)
+        out = ndimage.affine_transform(
+            smooth, voxel[:3, :3], voxel[:3, 3], output_shape=shape3d, order=3, mode="nearest"
+        )
+        return np.maximum(out, 0.0)
+
+    s0, dw = regrid(b0), regrid(weighted)
+    level = float(np.percentile(s0, 99))
+    brain = ndimage.binary_fill_holes(ndimage.binary_opening(s0 > 0.12 * level, iterations=2))
+    labels, count = ndimage.label(brain)
+    if count > 1:
+        brain = labels == 1 + int(np.argmax(ndimage.sum(brain, labels, range(1, count + 1))))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        adc = -np.log(np.clip(dw / np.maximum(s0, 1e-6), 1e-4, 1.0)) / float(bvalue)
+    adc = ndimage.median_filter(np.nan_to_num(adc), 3)
+    csf = np.clip((adc - 1.4e-3) / 1.2e-3, 0.0, 1.0) * brain
+    tissue = brain & (csf < 0.5)
+    wm_level, gm_level = np.percentile(s0[tissue], [25, 65])
+    inner = ndimage.binary_erosion(brain, iterations=2)  # the dark rim is partial volume
+    white = np.clip((gm_level - s0) / (gm_level - wm_level), 0.0, 1.0) * (1 - csf) * inner
+    grey = (1 - csf - white) * brain
+    scalp = (~brain).astype(np.float64)
+    fractions = np.stack([scalp, csf, grey, white]).astype(np.float32)
+    model = BrainModel(
         s0=s0.astype(np.float32),
         fractions=fractions,
-        fibre1=fibre1.astype(np.float32),
-        fibre2=fibre2.astype(np.float32),
-        crossing=crossing,
+        **_fibres(shape3d, max(shape3d) / 24.0, rng),
     )
+    return RealAnatomy(brain=model, affine=new_affine, mask=brain)
+
+
+def make_real_dwi(
+    directory,
+    anatomy: RealAnatomy,
+    bvals,
+    bvecs,
+    motion,
+    *,
+    snr: float = 25.0,
+    anisotropy: float = 0.5,
+    seed: int = 0,
+    name: str = "dwi",
+    dtype="float32",
+) -> Phantom:
+    """Write a diffusion series of real anatomy (:func:`real_anatomy`) with known motion.
+
+    Volume ``i`` is the signal for the gradient as the moved head sees it
+    (``R_i^T g_i``), moved by ``motion[i]`` (cubic B-spline), with Rician noise of
+    standard deviation ``mean(b=0 in the brain) / snr`` (``snr=0``: noise-free, the
+    twin of the same series for the Cramér-Rao bound).  ``bvecs`` are RAS+; the
+    ``.bvec`` is written in FSL's frame of the (oblique LAS) grid.
+    """
+    rng = np.random.default_rng(seed)
+    bvals = np.asarray(bvals, dtype=float)
+    bvecs = np.asarray(bvecs, dtype=float)
+    motion = np.asarray(motion, dtype=float)
+    brain, affine = anatomy.brain, anatomy.affine
+    sigma = float(brain.s0[anatomy.mask].mean()) / snr if snr > 0 else 0.0
+    level = float(np.percentile(brain.s0, 99))
+
+    def volumes():
+        for i in range(len(bvals)):
+            head = motion[i][:3, :3].T @ bvecs[i]
+            moved = _move(brain.signal(head, bvals[i], anisotropy), affine, motion[i])
+            yield _add_noise(np.maximum(moved, 0.0) / level, sigma / level, True, rng)
+
+    path = os.path.join(os.fspath(directory), f"{name}.nii")
+    _write_series(volumes(), len(bvals), affine, path, dtype, anatomy.mask, scale=1000.0)
+    stem = os.path.join(os.fspath(directory), name)
+    np.savetxt(f"{stem}.bval", bvals[np.newaxis], fmt="%g")
+    np.savetxt(f"{stem}.bvec", ras_to_fsl(bvecs, affine).T, fmt="%.6f")
+    companions = {
+        "bvec_file": f"{stem}.bvec",
+        "bval_file": f"{stem}.bval",
+        "brainmask_file": path.replace(".nii", "_mask.nii", 1),
+    }
+    return Phantom(image=path, motion=motion, companions=companions, affine=affine)
 
 
 def shell_directions(n: int, rng: np.random.Generator) -> np.ndarray:

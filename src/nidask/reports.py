@@ -4,7 +4,8 @@ Every row is a volume of the file (a DWI's b=0 volumes included), in file order.
 ``motion.tsv`` holds the rigid parameters of each volume's matrix (translations of
 the centre of the field of view in mm, rotations in degrees), the framewise
 displacement, the registration's final similarity and the flags the estimator
-raised (``implausible``, ``poor_fit``, ``unconverged``, ``small_fov``).
+raised (``implausible``, ``poor_fit``, ``unconverged``, ``small_fov``,
+``inconsistent``).
 """
 
 from __future__ import annotations

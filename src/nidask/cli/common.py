@@ -152,6 +152,16 @@ def _model_for(dataset, model: str | None) -> str:
     return model
 
 
+def _non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value!r}")
+    return number
+
+
 def _positive_int(value: str) -> int:
     try:
         number = int(value)
@@ -231,6 +241,7 @@ FLAG_MEANINGS = {
     "poor_fit": "registered poorly to its prediction",
     "unconverged": "registration did not converge",
     "small_fov": "field of view small for motion estimation",
+    "inconsistent": "the leave-one-out estimate moved over 0.5 mm from the b=0 anchor",
 }
 
 

@@ -118,7 +118,8 @@ def _demo_series(kind: str, out: str, size: dict, passes: int, client) -> dict:
         models = dataset.default_model()
         _say(
             f"estimate   model {' then '.join(models) if isinstance(models, list) else models}, "
-            f"up to {estimator.passes} passes, {len(dataset.whole_series())} leave-one-out folds"
+            f"{'default' if estimator.passes is None else 'up to ' + str(estimator.passes)} "
+            f"passes, {len(dataset.whole_series())} leave-one-out folds"
         )
         t0 = time.perf_counter()
         estimated = estimator.run(dataset, client=client)

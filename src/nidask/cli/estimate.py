@@ -22,7 +22,7 @@ from nidask.cli.common import (
     _companion_options,
     _model_for,
     _motion_summary,
-    _positive_int,
+    _non_negative_int,
     _say,
     _scheduler_options,
     _warn_flags,
@@ -122,8 +122,8 @@ def cmd_estimate(args) -> int:
             fresh = not os.path.exists(work)
             _say(
                 f"estimating {len(dataset)} volumes of {args.input}: model {model}, "
-                f"{args.passes} pass(es), scheduler {args.scheduler}"
-                + ("" if fresh else " (resuming)")
+                f"{'default' if args.passes is None else args.passes} pass(es), "
+                f"scheduler {args.scheduler}" + ("" if fresh else " (resuming)")
             )
             start = time.perf_counter()
             try:
@@ -203,7 +203,9 @@ def add_parser(subparsers, parents) -> argparse.ArgumentParser:
         "Gaussian process; pet for PET; the average otherwise)",
     )
     group.add_argument(
-        "--passes", type=_positive_int, default=4, help="most estimation passes (default 4)"
+        "--passes",
+        type=_non_negative_int,
+        help="most leave-one-out passes (default: 0 after a DWI's b=0 anchor, 4 otherwise)",
     )
     group.add_argument(
         "--tolerance",

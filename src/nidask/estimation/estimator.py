@@ -46,6 +46,7 @@ from scipy import ndimage
 
 from nidask.config import chunk_bytes, volumes_per_chunk
 from nidask.errors import InputError
+from nidask.estimation.anchor import TEMPLATE_ROUNDS, anchor_estimates
 from nidask.estimation.frames import (
     METHODS,
     interleaved,
@@ -76,6 +77,9 @@ REPORT_FILE = "report.json"
 #: The smallest field of view the estimator accepts: voxels and millimetres along each
 #: axis, voxels in the mask (dipy's 2 cm test crops fall below it).
 MIN_AXIS, MIN_EXTENT_MM, MIN_MASK = 8, 25.0, 300
+#: Volumes whose leave-one-out estimate moved further than this from their b=0 anchor
+#: (mm, rotations at 50 mm) are flagged ``inconsistent``: one of the two is wrong.
+DISAGREEMENT_MM = 0.5
 #: Registration ignores voxels this close to the grid's faces (see away_from_edges).
 EDGE_MARGIN_MM = 4.0
 #: Fields of view below these are estimated but flagged ``small_fov``.
@@ -313,9 +317,10 @@ class Estimator:
         ``"bvalue"``.
     seed : int
         Seed of ``order="random"``.
-    passes : int
-        Most estimation passes; later ones fit the model on data corrected by the
-        previous estimates (sharper predictions).
+    passes : int, optional
+        Most leave-one-out passes; later ones fit the model on data corrected by the
+        previous estimates (sharper predictions).  Default: 0 after the b=0 anchor
+        (see ``anchor``), 4 otherwise.
     tolerance : float
         Stop after a pass (the second at the earliest) whose largest change of any
         volume's estimate is below this (mm, rotations counted at 50 mm); 0 runs
@@ -330,6 +335,15 @@ class Estimator:
         every other volume from their motion interpolated in time.
     resample_order : int
         Interpolation order used to correct training data between passes.
+    anchor : {"auto", "none"}
+        ``"auto"``: a series with a reference group and other volumes (a DWI with
+        b=0 volumes) starts from the b=0 anchor (:mod:`nidask.estimation.anchor`:
+        a b=0 template, every volume registered to it with mutual information),
+        and ``passes`` leave-one-out passes refine it on data in the template's
+        frame; ``passes=0`` keeps the anchor.  The anchor stands for the first
+        pass: the refining passes use the second model and registration of a list
+        on (the Gaussian process of ``"auto"``).  ``"none"``: leave-one-out passes
+        from the identity, frames tied afterwards.
     max_motion : tuple of float
         ``(mm, degrees)``: estimates beyond these are flagged ``implausible``.
     progress : bool, optional
@@ -346,12 +360,13 @@ class Estimator:
     registration: object = "auto"
     order: str = "sequential"
     seed: int = 0
-    passes: int = 4
+    passes: int | None = None
     tolerance: float = 0.1
     reference: object = "template"
     frame_tie: str = "auto"
     initialize: str = "auto"
     resample_order: int = 3
+    anchor: str = "auto"
     max_motion: tuple = (10.0, 10.0)
     progress: bool | None = None
     report: dict | None = attrs.field(default=None, init=False, eq=False, repr=False)
@@ -385,7 +400,7 @@ class Estimator:
     def _identity(self, dataset) -> str:
         config = [repr(m) for m in self._models(dataset)]
         config += [repr(r) for r in self._registrations()]
-        config += [self.passes, self.tolerance, self.frame_tie, self.initialize]
+        config += [self.passes, self.tolerance, self.frame_tie, self.initialize, self.anchor]
         config += [self.resample_order]
         return tokenize(
             dataset.dataobj.name,
@@ -453,10 +468,16 @@ class Estimator:
             # errors that do not depend on the gradient direction
             seed = (
                 self.initialize == "auto"
-                and self.passes > 1
+                and self.pass_count(False) > 1
                 and interleaved(groups, reference_group)
             )
-            for p in range(1, self.passes + 1):
+            anchored = self._anchored(groups, reference_group)
+            disagreement = None
+            if anchored:
+                estimates, history, disagreement = self._run_anchored(
+                    whole, run, models, registrations, order, groups, reference_group
+                )
+            for p in range(1, 0 if anchored else self.pass_count(False) + 1):
                 model = models[min(p, len(models)) - 1]
                 previous = estimates if p > 1 else None
                 predictions, pass_meta = self._predict(whole, run, p, model, previous)
@@ -490,9 +511,81 @@ class Estimator:
                 if p >= 2 and changes.max() < self.tolerance:
                     break
             estimates = self._to_reference(whole, estimates)
-        self.report = self._report(whole, run, history, estimates, len(history))
+        self.report = self._report(
+            whole, run, history, estimates, history[-1]["pass"], disagreement
+        )
         _save_json(os.path.join(run.workdir, REPORT_FILE), self.report)
         return dataset.with_whole_motion(estimates)
+
+    def pass_count(self, anchored: bool) -> int:
+        """Leave-one-out passes of a run (``passes``, or its default)."""
+        if self.passes is not None:
+            return int(self.passes)
+        return 0 if anchored else 4
+
+    def _anchored(self, groups, reference_group) -> bool:
+        """Whether this run starts from the b=0 anchor (:mod:`nidask.estimation.anchor`)."""
+        if self.anchor == "none" or reference_group is None:
+            return False
+        return bool(np.any(groups == reference_group) and np.any(groups != reference_group))
+
+    def _run_anchored(self, whole, run, models, registrations, order, groups, reference_group):
+        """The b=0 anchor, then leave-one-out passes on data in the template's frame.
+
+        The b=0 volumes keep their template estimates; every other volume is
+        registered to its prediction from the data corrected by the previous
+        estimates, starting from them.  The training data sit in the template's
+        frame, so the shells need no frame tie.
+        """
+        folder = os.path.join(run.workdir, "anchor")
+        os.makedirs(folder, exist_ok=True)
+        inner = os.path.join(folder, "mask.npy")
+        if not os.path.exists(inner):
+            _save_atomic(inner, away_from_edges(run.mask, whole.affine))
+        reference = groups == reference_group
+        estimates, _ = anchor_estimates(
+            run.raw,
+            np.flatnonzero(reference),
+            len(whole),
+            whole.affine,
+            whole.shape3d,
+            inner,
+            folder,
+            progress=self.progress,
+        )
+        identity = np.tile(np.eye(4), (len(whole), 1, 1))
+        changes = changes_mm(identity, estimates, whole.affine, whole.shape3d)
+        history = [
+            {
+                "pass": 0,
+                "stage": "b=0 anchor: template, then mutual information to it",
+                "largest_change_mm": float(changes.max()),
+                "median_change_mm": float(np.median(changes)),
+                "frame_tie": {"method": "b=0 template"},
+            }
+        ]
+        anchor = estimates
+        folds = [int(i) for i in order if not reference[i]]
+        for p in range(1, self.pass_count(True) + 1):
+            # the anchor stands for the first pass: the data are aligned already, so
+            # the model and the finer registration of later passes
+            model = models[min(p + 1, len(models)) - 1]
+            predictions, _ = self._predict(whole, run, p, model, estimates)
+            registration = registrations[min(p + 1, len(registrations)) - 1]
+            raw = self._register(whole, run, p, predictions, registration, folds, estimates)
+            changes = changes_mm(estimates, raw, whole.affine, whole.shape3d)
+            estimates = raw
+            history.append(
+                {
+                    "pass": p,
+                    "largest_change_mm": float(changes.max()),
+                    "median_change_mm": float(np.median(changes)),
+                    "frame_tie": {"method": "none (data in the b=0 template's frame)"},
+                }
+            )
+            if changes.max() < self.tolerance:
+                break
+        return estimates, history, changes_mm(anchor, estimates, whole.affine, whole.shape3d)
 
     def sweep(self, dataset, client=None, workdir=None) -> np.memmap:
         """Every fold's prediction by the (first) model, without registration.
@@ -518,8 +611,14 @@ class Estimator:
             return np.load(path, mmap_mode="r")
 
     def _check_options(self, dataset) -> None:
-        if self.passes < 1:
-            raise InputError(f"passes must be at least 1, got {self.passes}")
+        if self.passes is not None and (
+            self.passes < 0 or (self.passes == 0 and self.anchor == "none")
+        ):
+            raise InputError(
+                f"passes must be at least 1 (0 keeps the b=0 anchor), got {self.passes}"
+            )
+        if self.anchor not in ("auto", "none"):
+            raise InputError(f"unknown anchor {self.anchor!r} (use 'auto' or 'none')")
         if not (self.tolerance >= 0):
             raise InputError(f"tolerance must be a non-negative number, got {self.tolerance}")
         if self.initialize not in ("auto", "none"):
@@ -681,16 +780,23 @@ class Estimator:
         _save_atomic(path, tied)
         return tied, info
 
-    def _report(self, dataset, run, history, estimates, last_pass) -> dict:
-        folder = os.path.join(run.workdir, f"pass-{last_pass}")
+    def _report(self, dataset, run, history, estimates, last_pass, disagreement=None) -> dict:
+        # a volume's last registration: the last pass that registered it, else the anchor
+        anchor = os.path.join(run.workdir, "anchor")
+        folders = [os.path.join(run.workdir, f"pass-{p}") for p in range(last_pass, 0, -1)]
+        folders += [anchor] + [
+            os.path.join(anchor, "template", f"round-{r}") for r in range(TEMPLATE_ROUNDS, 0, -1)
+        ]
         centre = fov_center(dataset.affine, dataset.shape3d)
         volumes = []
         for i, matrix in enumerate(estimates):
-            quality_file = os.path.join(folder, f"fold-{i:05d}.json")
             quality = {}
-            if os.path.exists(quality_file):
-                with open(quality_file) as f:
-                    quality = json.load(f)
+            for folder in folders:
+                quality_file = os.path.join(folder, f"fold-{i:05d}.json")
+                if os.path.exists(quality_file):
+                    with open(quality_file) as f:
+                        quality = json.load(f)
+                    break
             params = rigid_params(matrix, center=centre)
             flags = list(run.flags)
             if (
@@ -700,20 +806,31 @@ class Estimator:
                 flags.append("implausible")
             if quality.get("converged") is False:
                 flags.append("unconverged")
+            entry = {}
+            if disagreement is not None:
+                # two references (the b=0 template, the prediction) that disagree
+                entry["anchor_change_mm"] = float(disagreement[i])
+                if disagreement[i] > DISAGREEMENT_MM:
+                    flags.append("inconsistent")
             volumes.append(
                 {
                     "index": int(dataset.original_index[i]),
                     "similarity": quality.get("similarity"),
+                    **entry,
                     "flags": flags,
                 }
             )
         similarities = np.array([v["similarity"] or np.nan for v in volumes], dtype=float)
-        if np.isfinite(similarities).sum() >= 5:
-            median = np.nanmedian(similarities)
-            spread = 1.4826 * np.nanmedian(np.abs(similarities - median))
-            for v, s in zip(volumes, similarities, strict=True):
+        for group in np.unique(run.groups):  # groups may be registered by other metrics
+            members = np.flatnonzero(run.groups == group)
+            values = similarities[members]
+            if np.isfinite(values).sum() < 5:
+                continue
+            median = np.nanmedian(values)
+            spread = 1.4826 * np.nanmedian(np.abs(values - median))
+            for i, s in zip(members, values, strict=True):
                 if np.isfinite(s) and s < median - 5 * max(spread, 0.01):
-                    v["flags"].append("poor_fit")
+                    volumes[i]["flags"].append("poor_fit")
         return {"passes": history, "volumes": volumes, "flags": list(run.flags)}
 
     def _to_reference(self, dataset, matrices):
