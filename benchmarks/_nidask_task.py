@@ -247,6 +247,7 @@ def task_estimate(args) -> dict:
     out = _outdir(args)
     dataset = nidask.load(args.nii, **companions)
     options = {} if args.passes is None else {"passes": args.passes}
+    options["anchor"] = args.anchor
     # "a,b": one model per pass (the last one repeats)
     model = args.model.split(",") if "," in args.model else args.model
     estimator = nidask.Estimator(model=model, **options)
@@ -319,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", help="brain mask NIfTI (estimate)")
     p.add_argument("--sidecar", help="BOLD JSON sidecar with RepetitionTime (estimate)")
     p.add_argument("--passes", type=int, help="Estimator passes (estimate; default nidask's)")
+    p.add_argument("--anchor", default="auto", help="Estimator anchor (estimate: auto or none)")
     p.add_argument("--cluster-workers", type=int, help="estimate on a LocalCluster of N processes")
     p.add_argument(
         "--warm",

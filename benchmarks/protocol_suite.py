@@ -18,7 +18,7 @@ and again without noise, the twin that gives each volume's Cramér-Rao bound.
 Tools, each in its own child process on 2 threads: nidask's default ``Estimator``
 (``benchmarks/_nidask_task.py estimate``) and ANTs to b0 (``benchmarks/peer_ants.py``:
 rigid Mattes MI to the registered mean of the b=0 volumes, in the peer venv; with
-``-k K`` on the b=0 volumes and every K-th volume only, which keeps ANTs' 20 s per
+``-k K`` on the b=0 volumes and every K-th volume of each shell only, which keeps ANTs' 20 s per
 volume affordable; both tools are then scored on those volumes).  nidask runs twice:
 its default (the b=0 anchor) and with two leave-one-out passes after it.  Errors:
 :func:`nidask.evaluation.motion_errors` over the volumes both tools estimated, after
@@ -224,6 +224,18 @@ def shell_errors(estimate, truth, affine, shape3d, mask, bvals, cov=None, flags=
     return out
 
 
+def scored_volumes(bvals: np.ndarray, k: int) -> np.ndarray:
+    """Every b=0 volume and every ``k``-th volume of each shell, in series order.
+
+    Taken per shell, since interleaved shells alias with a stride over the series.
+    """
+    shells = np.round(bvals, -2)
+    picked = [np.flatnonzero(bvals < 50)]
+    for b in np.unique(shells[bvals >= 50]):
+        picked.append(np.flatnonzero((shells == b) & (bvals >= 50))[::k])
+    return np.sort(np.concatenate(picked))
+
+
 def run(args) -> dict:
     import nibabel as nb
 
@@ -243,8 +255,8 @@ def run(args) -> dict:
                 entry = {"key": key, "label": PROTOCOLS[key][0], "motion": kind}
                 entry["n_volumes"] = len(bvals)
                 print(f"protocols: {key} {kind} ({len(bvals)} volumes)", file=sys.stderr)
-                # ANTs on every b=0 and every k-th volume; both tools scored on those
-                scored = np.union1d(np.flatnonzero(bvals < 50), np.arange(0, len(bvals), args.k))
+                # ANTs on every b=0 and every k-th volume of each shell; both scored there
+                scored = scored_volumes(bvals, args.k)
                 if not args.skip_ants:
                     record, ants = run_ants(noisy, directory, bvals, args.workers, scored)
                     entry["ants"] = {"wall_s": record.get("wall_s"), "volumes": len(scored)}
@@ -345,7 +357,10 @@ def main(argv=None) -> int:
     p.add_argument("--motion", default="random,mcflirt", help="random, mcflirt or both")
     p.add_argument("--skip-ants", action="store_true", help="nidask only")
     p.add_argument(
-        "-k", type=int, default=1, help="ANTs on the b=0 and every k-th volume (default 1: all)"
+        "-k",
+        type=int,
+        default=1,
+        help="ANTs on the b=0 and every k-th volume of each shell (default 1: all)",
     )
     p.add_argument("--workers", type=int, default=2, help="threads per tool (default 2)")
     p.add_argument("--work", default=None, help="where series are written (default: temp)")

