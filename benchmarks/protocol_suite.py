@@ -1,6 +1,6 @@
 """Motion accuracy on real anatomy, for every class of diffusion protocol.
 
-    python benchmarks/protocol_suite.py [--series a,b,c,d,e] [--motion random,mcflirt]
+    python benchmarks/protocol_suite.py [--series a,b,c,d,e,f] [--motion random,mcflirt]
         [--skip-ants] [--ants-volumes N] [--out benchmarks/results/protocols.json]
     python benchmarks/protocol_suite.py --table benchmarks/results/protocols.json
 
@@ -15,12 +15,13 @@ noise of SNR 25 at b=0) with known motion of one of two kinds: ``random``
 MCFLIRT trajectory, drift and jumps, scaled to 2.5 mm / 2.5 degrees at its largest),
 and again without noise, the twin that gives each volume's Cramér-Rao bound.
 
-Tools, each in its own child process on 2 threads: nidask's default ``Estimator``
+Tools, each in its own child process on 2 threads: nidask's ``Estimator``
 (``benchmarks/_nidask_task.py estimate``) and ANTs to b0 (``benchmarks/peer_ants.py``:
 rigid Mattes MI to the registered mean of the b=0 volumes, in the peer venv; with
 ``-k K`` on the b=0 volumes and every K-th volume of each shell only, which keeps ANTs' 20 s per
 volume affordable; both tools are then scored on those volumes).  nidask runs twice:
-its default (the b=0 anchor) and with two leave-one-out passes after it.  Errors:
+the b=0 anchor alone (``passes=0``) and two leave-one-out passes after it
+(``passes=2``); the table marks the one the default picks (by the smallest shell).  Errors:
 :func:`nidask.evaluation.motion_errors` over the volumes both tools estimated, after
 one common rigid offset (every tool reports motion in its own frame), per shell: the
 median translation of the centre of the field of view (mm) and rotation (degrees),
@@ -53,10 +54,13 @@ PROTOCOLS = {
     "c": ("clinical: 1 b=0 + 2 x 30", 1, 60, (1000, 2000), None),
     "d": ("single shell: 1 b=0 + 32 at b=1000", 1, 32, (1000,), None),
     "e": ("high b: 2 b=0 + 2 x 30 at b=3000/5000", 2, 60, (3000, 5000), None),
+    "f": ("UK Biobank-like: 5 b=0 + 2 x 50", 5, 100, (1000, 2000), 21),
 }
 LIMIT_MM = 0.5
-#: nidask runs: the default (the b=0 anchor), and two leave-one-out passes after it
-VARIANTS = (("nidask", None), ("nidask passes=2", 2))
+#: nidask runs: the b=0 anchor alone, and two leave-one-out passes after it (the
+#: estimator's default picks one of them by the size of the smallest shell)
+ANCHOR_ONLY, REFINED = "nidask passes=0", "nidask passes=2"
+VARIANTS = ((ANCHOR_ONLY, 0), (REFINED, 2))
 
 
 def package_file(package: str, *parts: str) -> Path:
@@ -312,39 +316,53 @@ def _ratio(mine: dict, theirs: dict, shell: str) -> str:
     return f"{mine[shell]['translation_mm_median'] / theirs[shell]['translation_mm_median']:.2f}"
 
 
+def default_variant(key: str) -> str:
+    """The run the estimator's default makes on protocol ``key`` (its shell density)."""
+    from nidask.estimation.estimator import DENSE_SHELL
+
+    _, _, n_dw, shells, _ = PROTOCOLS[key]
+    return REFINED if n_dw // len(shells) >= DENSE_SHELL else ANCHOR_ONLY
+
+
 def table(results: dict) -> str:
-    """The markdown table: one row per series and shell (median translation / rotation)."""
+    """The markdown table: one row per series and shell (median translation / rotation).
+
+    Worst displacement and volumes over the limit are the default's (the variant in
+    bold).
+    """
     lines = [
-        "| series | motion | shell | Cramér-Rao bound | ANTs to b0 | nidask (default) "
-        "| / ANTs | / bound | worst mm | > 0.5 mm (unflagged) | nidask passes=2 | / ANTs "
-        "| s / vol: ANTs, nidask, passes=2 |",
+        "| series | motion | shell | Cramér-Rao bound | ANTs to b0 | anchor only (passes=0) "
+        "| / ANTs | anchor + 2 passes | / ANTs | / bound (default) | worst mm (default) "
+        "| > 0.5 mm, unflagged (default) | s / vol: ANTs, passes=0, passes=2 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in results["series"]:
         theirs = entry.get("ants", {}).get("errors") or {}
-        mine = entry.get("nidask", {}).get("errors") or {}
-        refined = entry.get("nidask passes=2", {}).get("errors") or {}
+        runs = {name: entry.get(name, {}).get("errors") or {} for name, _ in VARIANTS}
+        chosen = default_variant(entry["key"])
+        default = runs[chosen]
         speeds = ", ".join(
             f"{entry.get(name, {}).get('s_per_volume') or float('nan'):.2f}"
-            for name in ("ants", "nidask", "nidask passes=2")
+            for name in ("ants", ANCHOR_ONLY, REFINED)
         )
-        for k, shell in enumerate(mine):
-            c = mine[shell]
-            bound = f"{c['bound_mm_median']:.3f} / {c['bound_deg_median']:.3f}"
+        for k, shell in enumerate(default):
+            c = default[shell]
             first = k == 0
             cells = [
                 f"{entry['label']} ({entry['n_volumes']} vol.)" if first else "",
                 entry["motion"] if first else "",
                 shell,
-                bound,
+                f"{c['bound_mm_median']:.3f} / {c['bound_deg_median']:.3f}",
                 _cell(theirs, shell),
-                _cell(mine, shell),
-                _ratio(mine, theirs, shell),
+            ]
+            for name, _ in VARIANTS:
+                cell = _cell(runs[name], shell)
+                cells += [f"**{cell}**" if name == chosen and cell else cell]
+                cells += [_ratio(runs[name], theirs, shell)]
+            cells += [
                 f"{c['translation_mm_median'] / max(c['bound_mm_median'], 1e-9):.1f}",
                 f"{c['displacement_mm_max']:.3f}",
                 f"{c['over_limit']} ({c['over_limit_unflagged']})",
-                _cell(refined, shell),
-                _ratio(refined, theirs, shell),
                 speeds if first else "",
             ]
             lines.append("| " + " | ".join(cells) + " |")
@@ -353,7 +371,7 @@ def table(results: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--series", default="b,c,d,e", help="protocols (a,b,c,d,e)")
+    p.add_argument("--series", default="b,c,d,e", help="protocols (a,b,c,d,e,f)")
     p.add_argument("--motion", default="random,mcflirt", help="random, mcflirt or both")
     p.add_argument("--skip-ants", action="store_true", help="nidask only")
     p.add_argument(

@@ -59,7 +59,11 @@ PEER_TASK = HERE / "peer_nifreeze.py"
 PEER_SETUP = HERE / "setup_peer_env.sh"
 MB = 2**20
 
-#: issue targets (see issues 3 and 4)
+#: the features whose targets a run checks (the ``feature`` of every target)
+STREAMED_IO = "streamed I/O"
+RESAMPLE = "resampled export"
+LOFO = "leave-one-out sweep"
+#: targets of streamed I/O and resampled export
 BUDGET_FACTOR = 2.0  # RSS above baseline <= 2x the chunk budget
 RSS_VS_NIFREEZE = 0.15  # nidask peak RSS <= 0.15x nifreeze's on the same work
 THROUGHPUT_VS_COPY = 0.5  # materialize / to_nifti(.nii) >= 50% of a plain copy
@@ -267,10 +271,10 @@ class Context:
         self.rows.append(row)
         return row
 
-    def target(self, issue: int, name: str, goal: str, measured: str, met: bool | None) -> None:
+    def target(self, feature: str, name: str, goal: str, measured: str, met: bool | None) -> None:
         """Record one target check (``met=None`` when it could not be measured)."""
         self.targets.append(
-            {"issue": issue, "target": name, "goal": goal, "measured": measured, "met": met}
+            {"feature": feature, "target": name, "goal": goal, "measured": measured, "met": met}
         )
 
 
@@ -284,13 +288,13 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def _budget_check(ctx: Context, issue: int, row: dict, label: str) -> None:
+def _budget_check(ctx: Context, feature: str, row: dict, label: str) -> None:
     if not _ok(row):
-        ctx.target(issue, f"RSS <= 2x chunk budget: {label}", "", "failed", None)
+        ctx.target(feature, f"RSS <= 2x chunk budget: {label}", "", "failed", None)
         return
     row["rss_vs_budget"] = row["rss_mb"] / ctx.budget_mb
     ctx.target(
-        issue,
+        feature,
         f"RSS <= 2x chunk budget: {label}",
         f"<= {ctx.budget_mb:.0f} MB",
         f"{row['rss_mb']:.0f} MB ({row['rss_vs_budget']:.2f}x of 2x budget)",
@@ -302,7 +306,7 @@ def _budget_check(ctx: Context, issue: int, row: dict, label: str) -> None:
 
 
 def suite_io(ctx: Context) -> None:
-    """Issue 3: open + one volume / materialize / to_filename / to_nifti, and a file copy."""
+    """Streamed I/O: open + one volume / materialize / to_filename / to_nifti, and a file copy."""
     copy = ctx.add_row("io", "file copy (.nii)", "shutil", ctx.nidask("copy", ctx.outdir("copy")))
     _clean(ctx.outdir("copy"))
     copy_thru = copy.get("throughput_mbs")
@@ -332,11 +336,11 @@ def suite_io(ctx: Context) -> None:
             nd["thru_vs_copy"] = _ratio(nd.get("throughput_mbs"), copy_thru)
         # targets
         if task != "open_one_volume":
-            _budget_check(ctx, 3, nd, label)
+            _budget_check(ctx, STREAMED_IO, nd, label)
         if nf is not None and peer_opts is not None:
             ratio = nd.get("rss_vs_nifreeze")
             ctx.target(
-                3,
+                STREAMED_IO,
                 f"RSS <= 0.15x nifreeze: {label}",
                 f"<= {RSS_VS_NIFREEZE}x",
                 "n/a"
@@ -347,7 +351,7 @@ def suite_io(ctx: Context) -> None:
         if (task, nd_opts.get("ext")) in (("materialize", None), ("to_nifti", ".nii")):
             ratio = nd.get("thru_vs_copy")
             ctx.target(
-                3,
+                STREAMED_IO,
                 f"throughput >= 50% of copy: {label}",
                 f">= {THROUGHPUT_VS_COPY}x",
                 "n/a"
@@ -358,7 +362,7 @@ def suite_io(ctx: Context) -> None:
 
 
 def suite_resample(ctx: Context) -> None:
-    """Issue 4: resampled to_nifti (orders 1, 3) vs nifreeze; 1 vs 2 workers; agreement."""
+    """Resampled export: to_nifti(order=1, 3) vs nifreeze; 1 vs 2 workers; agreement."""
     s = ctx.series
     for order in ctx.args.orders:
         label = f"resampled to_nifti order={order}"
@@ -386,15 +390,15 @@ def suite_resample(ctx: Context) -> None:
             nd["speedup_vs_1_worker"] = _ratio(one["wall_s"], nd["wall_s"])
             nd["note"] = f"{nd['speedup_vs_1_worker']:.2f}x faster than 1 worker"
             ctx.target(
-                4,
+                RESAMPLE,
                 f"{many} workers >= 1.7x faster than 1: order {order}",
                 f">= {WORKER_SPEEDUP}x",
                 f"{nd['speedup_vs_1_worker']:.2f}x "
                 f"({one['wall_s']:.1f} s -> {nd['wall_s']:.1f} s)",
                 nd["speedup_vs_1_worker"] >= WORKER_SPEEDUP,
             )
-        _budget_check(ctx, 4, nd, f"{label}, {many} workers")
-        _budget_check(ctx, 4, one, f"{label}, 1 worker")
+        _budget_check(ctx, RESAMPLE, nd, f"{label}, {many} workers")
+        _budget_check(ctx, RESAMPLE, one, f"{label}, 1 worker")
         if _ok(nd) and _ok(nf):
             nd["time_vs_nifreeze"] = _ratio(nd["wall_s"], nf["wall_s"])
             nd["rss_vs_nifreeze"] = _ratio(nd["rss_mb"], nf["rss_mb"])
@@ -402,7 +406,7 @@ def suite_resample(ctx: Context) -> None:
             one["rss_vs_nifreeze"] = _ratio(one["rss_mb"], nf["rss_mb"])
             speedup = nf["wall_s"] / nd["wall_s"]
             ctx.target(
-                4,
+                RESAMPLE,
                 f">= 5x faster than nifreeze: order {order}",
                 f">= {RESAMPLE_SPEEDUP}x",
                 f"{speedup:.2f}x ({nf['wall_s']:.1f} s -> {nd['wall_s']:.1f} s)",
@@ -418,12 +422,12 @@ def suite_resample(ctx: Context) -> None:
             )
             ctx.notes[f"agreement_order{order}"] = agreement
         elif ctx.peer_python is None:
-            ctx.target(4, f">= 5x faster than nifreeze: order {order}", "", "skipped", None)
+            ctx.target(RESAMPLE, f">= 5x faster than nifreeze: order {order}", "", "skipped", None)
         _clean(out)
 
 
 def suite_lofo(ctx: Context) -> None:
-    """Issue 5: a full LOFO sweep of the average model, registration excluded.
+    """Leave-one-out sweep: a full LOFO sweep of the average model, registration excluded.
 
     nidask: ``Estimator(model=...).sweep`` (materialize once, voxel-major layout once,
     every fold's fit + predict); nifreeze: ``peer_nifreeze.py lofo_average``
@@ -472,7 +476,7 @@ def suite_lofo(ctx: Context) -> None:
             speedup = one["sweep_s"] / nd["sweep_s"]
             nd["speedup_vs_1_worker"] = speedup
             ctx.target(
-                5,
+                LOFO,
                 f"{many} workers >= 1.7x fold throughput of 1: {stat}",
                 f">= {WORKER_SPEEDUP}x",
                 f"{speedup:.2f}x ({one['sweep_s']:.2f} s -> {nd['sweep_s']:.2f} s)",
@@ -485,7 +489,7 @@ def suite_lofo(ctx: Context) -> None:
                     row["rss_vs_nifreeze"] = _ratio(row["rss_mb"], nf["rss_mb"])
             speedup = nf["sweep_s"] / nd["sweep_s"]
             ctx.target(
-                5,
+                LOFO,
                 f">= 20x faster than nifreeze, fit + predict of every fold: {stat}",
                 f">= {LOFO_SPEEDUP}x",
                 f"{speedup:.1f}x ({nf['sweep_s']:.2f} s -> {nd['sweep_s']:.2f} s)",
@@ -493,7 +497,7 @@ def suite_lofo(ctx: Context) -> None:
             )
             speedup = nf["wall_s"] / nd["wall_s"]
             ctx.target(
-                5,
+                LOFO,
                 f"(for reference) end to end, setup included: {stat}",
                 "",
                 f"{speedup:.1f}x ({nf['wall_s']:.1f} s -> {nd['wall_s']:.1f} s)",
@@ -517,21 +521,27 @@ SUITES: dict[str, Callable[[Context], None]] = {
 def run_sizes(ctx_args: argparse.Namespace, work: Path, meta: dict) -> dict:
     """nidask's sinks, resampled export and LOFO sweep on series of each ``--sizes``.
 
-    Peak RSS must stay the same whatever the number of volumes (issues 3, 4, 5).
+    Peak RSS must stay the same whatever the number of volumes (streamed I/O, resampled
+    export, leave-one-out sweep).
     """
     shape3d = tuple(ctx_args.shape[:3])
     volume_bytes = math.prod(shape3d) * 2
-    tasks = [  # (label, task, options, issue)
-        ("open + materialize", "materialize", {}, 3),
-        ("open + to_filename (NFDH5)", "to_filename", {}, 3),
-        ("open + to_nifti (.nii)", "to_nifti", {"ext": ".nii"}, 3),
-        ("resampled to_nifti order=1", "resampled_to_nifti", {"order": 1, "ext": ".nii"}, 4),
-        ("LOFO sweep, average model (mean)", "lofo_sweep", {"model": "average"}, 5),
+    tasks = [  # (label, task, options, feature)
+        ("open + materialize", "materialize", {}, STREAMED_IO),
+        ("open + to_filename (NFDH5)", "to_filename", {}, STREAMED_IO),
+        ("open + to_nifti (.nii)", "to_nifti", {"ext": ".nii"}, STREAMED_IO),
+        (
+            "resampled to_nifti order=1",
+            "resampled_to_nifti",
+            {"order": 1, "ext": ".nii"},
+            RESAMPLE,
+        ),
+        ("LOFO sweep, average model (mean)", "lofo_sweep", {"model": "average"}, LOFO),
     ]
     rows: list[dict] = []
     targets: list[dict] = []
     by_task: dict[str, list[dict]] = {label: [] for label, *_ in tasks}
-    issues = {label: issue for label, _, _, issue in tasks}
+    features = {label: feature for label, _, _, feature in tasks}
     for size in ctx_args.sizes:
         n = max(ctx_args.b0 + 7, round(parse_bytes(size) / volume_bytes))
         series_dir = work / f"series-{size}"
@@ -561,33 +571,34 @@ def run_sizes(ctx_args: argparse.Namespace, work: Path, meta: dict) -> dict:
     budget_mb = BUDGET_FACTOR * parse_bytes(ctx_args.chunk_size) / MB
     for label, measured in by_task.items():
         good = [r for r in measured if _ok(r)]
-        issue = issues[label]
+        feature = features[label]
         if len(good) < len(measured) or not good:
-            targets.append(_target(issue, f"flat RSS: {label}", "", "failed", None))
+            targets.append(_target(feature, f"flat RSS: {label}", "", "failed", None))
             continue
         values = [r["rss_mb"] for r in good]
         spread = (max(values) - min(values)) / max(min(values), 1e-9)
         sizes = ", ".join(f"{r['size']}: {r['rss_mb']:.0f} MB" for r in good)
         targets.append(
             _target(
-                issue,
+                feature,
                 f"RSS flat across sizes: {label}",
-                # issue 4 asks for the budget bound at every size (below), not flatness
+                # resampled export's target is the budget bound at every size (below), not
+                # flatness
                 f"within {FLAT_TOLERANCE:.0%} or {FLAT_FLOOR_MB:.0f} MB"
-                if issue != 4
+                if feature != RESAMPLE
                 else "(shown)",
                 f"{sizes} (spread {spread:.1%})",
                 (spread <= FLAT_TOLERANCE or max(values) - min(values) <= FLAT_FLOOR_MB)
-                if issue != 4
+                if feature != RESAMPLE
                 else None,
             )
         )
         worst = max(values)
-        if issue == 5:  # the sweep's target is flatness only
+        if feature == LOFO:  # the sweep's target is flatness only
             continue
         targets.append(
             _target(
-                issue,
+                feature,
                 f"RSS <= 2x chunk budget: {label}, all sizes",
                 f"<= {budget_mb:.0f} MB",
                 f"max {worst:.0f} MB",
@@ -597,8 +608,8 @@ def run_sizes(ctx_args: argparse.Namespace, work: Path, meta: dict) -> dict:
     return {"meta": meta, "rows": rows, "targets": targets, "notes": {}}
 
 
-def _target(issue, name, goal, measured, met) -> dict:
-    return {"issue": issue, "target": name, "goal": goal, "measured": measured, "met": met}
+def _target(feature, name, goal, measured, met) -> dict:
+    return {"feature": feature, "target": name, "goal": goal, "measured": measured, "met": met}
 
 
 # ------------------------------------------------------------------------- reporting
@@ -700,10 +711,10 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def targets_table(targets: list[dict]) -> str:
-    lines = ["| issue | target | goal | measured | met |", "|---|---|---|---|---|"]
+    lines = ["| feature | target | goal | measured | met |", "|---|---|---|---|---|"]
     for t in targets:
         met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
-        lines.append(f"| {t['issue']} | {t['target']} | {t['goal']} | {t['measured']} | {met} |")
+        lines.append(f"| {t['feature']} | {t['target']} | {t['goal']} | {t['measured']} | {met} |")
     return "\n".join(lines)
 
 

@@ -297,6 +297,45 @@ def test_estimate_interrupted_then_resumed(dwi_phantom, tmp_path):
     assert no_temporaries(out)
 
 
+def _bytes_under(directory) -> int:
+    walk = os.walk(directory)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in walk for f in files)
+
+
+def test_finished_estimate_is_small_on_disk(tmp_path):
+    """A finished run leaves at most twice the uncompressed input, little of it in the
+    run directory, and no cache copy; ``--keep-work`` keeps every intermediate array."""
+    from nidask import phantom
+
+    data = tmp_path / "data"
+    data.mkdir()
+    series = phantom.make_dwi(data, shape3d=(32, 36, 24), n_b0=2, n_directions=30, compressed=True)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    env = dict(_env(), DASK_NIDASK__CACHE_DIR=str(cache))
+    sizes = {}
+    for keep in (False, True):
+        out = tmp_path / f"out-{keep}"
+        command = ["estimate", series.image, *dwi_args(series), "--out", out]
+        command += ["--passes", "2", "--quiet"] + (["--keep-work"] if keep else [])
+        result = subprocess.run(
+            [sys.executable, "-m", "nidask", *map(str, command)],
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert os.listdir(cache) == []  # the decompressed copy went with the run
+        work = out / "work"
+        sizes[keep] = (_bytes_under(out), _bytes_under(work))
+        assert (work / "data.npy").exists() == keep
+        for p in (1, 2):
+            assert (work / f"pass-{p}" / "predictions.npy").exists() == keep
+    uncompressed = np.asarray(nb.load(series.image).dataobj).nbytes
+    # measured: 1.86x in all (the float32 corrected series is most of it), 0.15x of work
+    assert sizes[False][0] <= 2 * uncompressed, (sizes, uncompressed)
+    assert sizes[False][1] <= 0.3 * uncompressed, (sizes, uncompressed)
+    assert sizes[True][1] > 5 * sizes[False][1]
+
+
 # -- demo ---------------------------------------------------------------------------------
 def test_demo_small(tmp_path, capsys):
     out = tmp_path / "demo"

@@ -1,4 +1,4 @@
-"""Messy gradient files read as dipy and FSL read them (issue 12, "Real inputs").
+"""Messy gradient files read as dipy and FSL read them: real inputs.
 
 NaN b-vectors of b=0 volumes, b-vector files in either orientation (including the
 ambiguous 3x3 of a three-volume series), MRtrix ``.b`` tables, series with too few

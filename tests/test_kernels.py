@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import dask
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
 from scipy.spatial.transform import Rotation
 
+from nidask.estimation.registration import RigidRegistration
 from nidask.ops import kernels
 from nidask.ops.resample import resample_volume
-
-pytest.importorskip("numba", reason="the compiled kernels need numba (pip install 'nidask[fast]')")
 
 RNG = np.random.default_rng(11)
 
@@ -139,3 +142,46 @@ def test_warm_up_compiles_every_kernel():
     kernels.warm_up()
     for build in (kernels._build, kernels._build_sampler, kernels._build_ncc):
         assert build.cache_info().currsize == 1
+
+
+WITHOUT_NUMBA = textwrap.dedent(
+    """
+    import sys
+    sys.modules["numba"] = None  # as if numba were not installed: importing it fails
+    import numpy as np
+    from nidask.estimation.registration import RigidRegistration
+    from nidask.ops import kernels
+    from nidask.ops.resample import resample_volume
+
+    volume, matrix = np.load(sys.argv[1]), np.load(sys.argv[2])
+    assert not kernels.enabled()
+    np.save(sys.argv[3], resample_volume(volume, matrix, order=3))
+    estimate, _ = RigidRegistration().register(volume, resample_volume(volume, matrix), np.eye(4))
+    np.save(sys.argv[4], estimate)
+    """
+)
+
+
+def test_without_numba_scipy_gives_the_same_results_and_says_so_once(tmp_path):
+    volume = ndi.gaussian_filter(RNG.random((26, 24, 22)), 2.0).astype(np.float32)
+    matrix = np.eye(4)
+    matrix[:3, 3] = (0.6, -0.4, 0.3)
+    np.save(tmp_path / "volume.npy", volume)
+    np.save(tmp_path / "matrix.npy", matrix)
+    script = tmp_path / "child.py"
+    script.write_text(WITHOUT_NUMBA)
+    outputs = [tmp_path / "resampled.npy", tmp_path / "estimate.npy"]
+    child = subprocess.run(
+        [sys.executable, str(script), tmp_path / "volume.npy", tmp_path / "matrix.npy", *outputs],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 0, child.stderr
+    assert child.stderr.count("numba is not installed") == 1, child.stderr
+    assert kernels.enabled()  # here numba serves, and gives the same values
+    np.testing.assert_allclose(
+        np.load(outputs[0]), resample_volume(volume, matrix, order=3), rtol=1e-5, atol=1e-5
+    )
+    estimate, _ = RigidRegistration().register(volume, resample_volume(volume, matrix), np.eye(4))
+    np.testing.assert_allclose(np.load(outputs[1]), estimate, atol=1e-3)

@@ -119,7 +119,7 @@ def test_graph_walker_sees_function_level_imports_and_cycles():
 
 
 def test_modalities_are_named_only_in_their_own_module():
-    """No ``isinstance`` on a modality class outside its module (issue 13)."""
+    """No ``isinstance`` on a modality class outside its module (modalities stay pluggable)."""
     pattern = re.compile(r"isinstance\(.*\b(DWI|PET|BOLD)\b")
     own = {"DWI": "dmri.py", "PET": "pet.py", "BOLD": "bold.py"}
     foreign = [

@@ -1,9 +1,10 @@
-"""Issue 4 end to end: set_transform, resampled(), to_nifti (+ .bval/.bvec, X5), NFDH5.
+"""Resampled export end to end: set_transform, resampled(), to_nifti (+ .bval/.bvec, X5), NFDH5.
 
-Motion convention (DESIGN.md): ``A`` maps reference RAS to moving RAS; output voxel
-``o`` samples the input at ``inv(affine) @ A @ affine @ o``.  Expected values here are
-computed independently from that formula with :func:`nidask.ops.resample.resample_volume`
-and numpy, never from the code path under test.
+Motion convention (docs/concepts.md, "Motion matrices"): ``A`` maps reference RAS to
+moving RAS; output voxel ``o`` samples the input at ``inv(affine) @ A @ affine @ o``.
+Expected values here are computed independently from that formula with
+:func:`nidask.ops.resample.resample_volume` and numpy, never from the code path under
+test.
 """
 
 from __future__ import annotations

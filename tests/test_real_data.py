@@ -1,4 +1,4 @@
-"""Real files shipped by PyPI packages (issue 12, "Real inputs").
+"""Real files shipped by PyPI packages: real inputs.
 
 The ``test`` extra installs every package used here, so a missing one is a failure,
 not a skip:

@@ -183,7 +183,7 @@ def test_framewise_displacement_known_case():
 
 
 def test_phantom_follows_the_motion_convention(affine, fixed):
-    """Resampling moving at inv(affine) @ A @ affine @ o gives fixed back (DESIGN.md)."""
+    """Resampling moving at inv(affine) @ A @ affine @ o gives fixed back (docs/concepts.md)."""
     A = rigid_matrix([2.5, -1.5, 2.0, 0.04, -0.03, 0.05], center=fov_center(affine, SHAPE))
     moving = render(affine, A)
     M = np.linalg.inv(affine) @ A @ affine

@@ -24,13 +24,12 @@ exception: all applicable ones are merged, nearer keys overriding farther ones.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from nidask.errors import InputError, OutputError
+from nidask.io.cache import atomic_output
 from nidask.io.files import read_json_object
 
 #: BIDS version the derivative ``dataset_description.json`` declares.
@@ -528,15 +527,10 @@ def write_dataset_description(out_dir, settings: dict | None = None, source_dir=
             )
     try:
         os.makedirs(out_dir, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix=".dataset_description.", dir=out_dir)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(temporary, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
+        with atomic_output(path) as temporary, open(temporary, "w") as f:
+            f.write(text)
+    except OutputError:
+        raise
     except OSError as exc:
         raise OutputError(
             f"cannot write the dataset description ({exc.strerror or exc})", path

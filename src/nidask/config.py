@@ -27,8 +27,15 @@ import dask
 import numpy as np
 from dask.utils import parse_bytes
 
+#: Default b-value (s/mm²) at or below which a diffusion volume counts as a b=0.
+B0_THRESHOLD = 50.0
 DEFAULTS = {
-    "nidask": {"chunk-size": "64MiB", "cache-dir": None, "kernels": "auto", "b0-threshold": 50.0}
+    "nidask": {
+        "chunk-size": "64MiB",
+        "cache-dir": None,
+        "kernels": "auto",
+        "b0-threshold": B0_THRESHOLD,
+    }
 }
 dask.config.update_defaults(DEFAULTS)
 
@@ -44,7 +51,7 @@ def chunk_bytes() -> int:
 
 def b0_threshold() -> float:
     """b-value (s/mm²) at or below which a diffusion volume is a b=0 (``nidask.b0-threshold``)."""
-    value = float(dask.config.get("nidask.b0-threshold", 50.0))
+    value = float(dask.config.get("nidask.b0-threshold", B0_THRESHOLD))
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"nidask.b0-threshold must be a non-negative number, got {value!r}")
     return value

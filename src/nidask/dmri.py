@@ -2,8 +2,9 @@
 
 Conventions follow nifreeze 0.1.0: ``gradients`` is an (N, 4) table of unit
 direction + b-value rows; a volume is a *b=0* when its b-value is at most
-``B0_THRESHOLD``; non-unit directions are normalised and their b-value multiplied
-by the norm, and near-zero directions mark b=0 volumes.  Directions are RAS+
+``nidask.b0-threshold`` (:data:`nidask.config.B0_THRESHOLD`); non-unit directions are
+normalised and their b-value multiplied by the norm, and near-zero directions mark
+b=0 volumes.  Directions are RAS+
 (FSL's ``.bvec`` numbers are turned into RAS+ with the image's affine when read, and
 back when written; :func:`nidask.geometry.fsl_to_ras`).  The b=0 volumes leave
 ``dataobj`` (a deferred selection) and are summarised in ``bzero``.
@@ -25,7 +26,6 @@ from nidask.geometry import fsl_to_ras, ras_to_fsl
 from nidask.io.cache import Cache
 from nidask.io.sources import check_readable, open_source, source_of
 
-B0_THRESHOLD = 50.0  # the default of ``nidask.b0-threshold``
 #: Diffusion-weighted volumes motion estimation needs (checked when estimating, not
 #: when loading: see :func:`check_diffusion_volumes`).
 MIN_DIFFUSION_VOLUMES = 6

@@ -89,8 +89,10 @@ def motion_errors(estimated, true, affine, shape3d, *, align: bool = True, mask=
         Remove the common rigid offset between the two frames first (see the
         module docstring).  Without it the raw difference is reported.
     mask : ndarray of bool (X, Y, Z), optional
-        A brain mask: also report ``displacement_mm``, each volume's residual
-        displacement averaged over the mask's voxels (DESIGN.md's measure).
+        A brain mask: also report ``displacement_mm``, each volume's mean
+        displacement over the brain mask: the distance (mm) by which the volume's
+        residual motion (after the offset is removed) moves each voxel centre of the
+        mask, averaged over those voxels.
 
     Returns
     -------

@@ -6,8 +6,9 @@ of nidask may use it.
 Motion-matrix convention
 ------------------------
 A matrix ``A`` (4x4) maps reference-space (fixed) RAS millimetre coordinates to
-moving-space RAS coordinates (nitransforms/nifreeze, see ``DESIGN.md``): resampling
-the moving volume at output voxel ``o`` samples it at ``inv(affine) @ A @ affine @ o``.
+moving-space RAS coordinates (nitransforms/nifreeze; docs/concepts.md, "Motion
+matrices"): resampling the moving volume at output voxel ``o`` samples it at
+``inv(affine) @ A @ affine @ o``.
 
 Rigid parameters
 ----------------

@@ -4,8 +4,8 @@ Used by the demo, the tests and the benchmarks: no downloads, reproducible from 
 seed.  The anatomy is a smoothed set of ellipsoids; each region has its own
 diffusion tensor (DWI) or time-activity curve (PET), so volumes differ in
 contrast the way real series do.  Volume ``i`` is observed after rigid motion
-``A_i`` (the DESIGN.md convention): resampling the observed volume with ``A_i``
-gives the motion-free volume back.
+``A_i`` (the convention of docs/concepts.md, "Motion matrices"): resampling the
+observed volume with ``A_i`` gives the motion-free volume back.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import nidask
 from nidask import DWI, PET, NidaskError
-from nidask.dmri import B0_THRESHOLD
+from nidask.config import B0_THRESHOLD
 
 EXAMPLES = int(os.environ.get("NIDASK_HOSTILE_EXAMPLES", "100"))
 HOSTILE = settings(

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import os
 import resource
-import shutil
 import sys
 
 import numpy as np
@@ -214,16 +213,11 @@ def scheduler(name: str, workers: int | None):
 @contextlib.contextmanager
 def atomic_directory(final: str):
     """Fill a temporary directory beside ``final`` and rename it into place on success."""
-    from nidask.io.cache import temporary_name
+    from nidask.io.cache import atomic_output
 
-    temp = temporary_name(os.path.abspath(final))
-    os.mkdir(temp)
-    try:
+    with atomic_output(final) as temp:
+        os.mkdir(temp)
         yield temp
-        os.replace(temp, final)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
 
 
 # -- outputs shared by estimate and demo --------------------------------------------------

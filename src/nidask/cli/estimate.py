@@ -57,6 +57,7 @@ def _estimator_from(args, model="auto"):
         anchor=args.anchor,
         tolerance=args.tolerance,
         reference=args.reference,
+        keep_work=args.keep_work,
     )
 
 
@@ -211,7 +212,10 @@ def add_parser(subparsers, parents) -> argparse.ArgumentParser:
     group.add_argument(
         "--passes",
         type=_non_negative_int,
-        help="most leave-one-out passes (default: 0 after a DWI's b=0 anchor, 4 otherwise)",
+        help=(
+            "most leave-one-out passes (default: after a DWI's b=0 anchor, 2 when every "
+            "shell has 60+ directions, else 0; 4 without the anchor)"
+        ),
     )
     group.add_argument(
         "--anchor",
@@ -239,6 +243,12 @@ def add_parser(subparsers, parents) -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--resume", action="store_true", help="continue the run in OUT/work if there is one"
+    )
+    group.add_argument(
+        "--keep-work",
+        action="store_true",
+        help="keep every intermediate array in OUT/work (by default a pass's arrays go once "
+        "it is recorded and the run's copy of the series when it is done)",
     )
     group = estimate.add_argument_group("outputs")
     group.add_argument(

@@ -1,14 +1,15 @@
 """Compiled kernels: twins of ``scipy.ndimage.affine_transform`` for rigid/affine
 resampling, and the registration's point sampler and similarity sums.
 
-With `numba <https://numba.pydata.org>`_ installed (``pip install "nidask[fast]"``),
+With `numba <https://numba.pydata.org>`_ (a dependency of nidask wherever it installs),
 :mod:`nidask.ops.resample` interpolates ``mode="constant"`` volumes at orders 1 and 3 with
 the kernels below instead of scipy's generic N-d loop: the same arithmetic (trilinear
 weights; cubic B-spline weights on scipy's own ``spline_filter`` coefficients, whose
 support is mirrored at the edges as scipy does for this mode; ``cval`` for samples
 outside ``[0, n - 1]``), in double precision, walking the Fortran-ordered volume in
 memory order.  They give scipy's values (the tests compare them) several times
-faster.  Set ``nidask.kernels`` to ``"scipy"`` to use scipy everywhere.
+faster.  Set ``nidask.kernels`` to ``"scipy"`` to use scipy everywhere; without numba
+scipy serves every call, and the first says so once (:data:`SCIPY_FALLBACK_NOTE`).
 
 Kernels compile on their first call in each process (about a second) and are not
 cached on disk, so nothing is written outside the outputs and the owned cache.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import threading
+import warnings
 
 import dask
 import numpy as np
@@ -27,6 +29,11 @@ from scipy import ndimage as ndi
 ORDERS = (1, 3)
 """Interpolation orders the kernels implement (``mode="constant"`` only)."""
 
+SCIPY_FALLBACK_NOTE = (
+    "nidask: numba is not installed, so resampling and registration run on scipy, "
+    "several times slower (pip install numba)"
+)
+
 
 def available(order: int, mode: str) -> bool:
     """Whether a compiled kernel serves ``order`` / ``mode`` here (and is not disabled).
@@ -34,16 +41,28 @@ def available(order: int, mode: str) -> bool:
     numba is looked up, not imported: it is imported (and the kernels compiled) by
     the first task that resamples, so nothing else pays for it.
     """
-    if order not in ORDERS or mode != "constant":
-        return False
+    return order in ORDERS and mode == "constant" and enabled()
+
+
+def enabled() -> bool:
+    """Whether compiled kernels serve here: numba is installed and ``nidask.kernels``
+    is not ``"scipy"`` (without numba, the first call notes the fallback once)."""
     if dask.config.get("nidask.kernels", "auto") == "scipy":
         return False
-    return _numba_installed()
+    if not _numba_installed():
+        _note_scipy_fallback()
+        return False
+    return True
 
 
 @functools.cache
 def _numba_installed() -> bool:
     return importlib.util.find_spec("numba") is not None
+
+
+@functools.cache
+def _note_scipy_fallback() -> None:
+    warnings.warn(SCIPY_FALLBACK_NOTE, RuntimeWarning, stacklevel=3)
 
 
 _BUILD_LOCK = threading.Lock()
@@ -285,7 +304,7 @@ def _build_sampler():
 
 def sampler_available() -> bool:
     """Whether the compiled point sampler of :func:`sample_points` serves here."""
-    return dask.config.get("nidask.kernels", "auto") != "scipy" and _numba_installed()
+    return enabled()
 
 
 def sample_points(volume, points, linear, offset, gradient: bool = True, order: int = 1):
@@ -388,7 +407,7 @@ def warm_up() -> None:
     this first (in a benchmark, or a worker's start-up) keeps that cost out of the
     measurements and the first tasks.
     """
-    if not _numba_installed() or dask.config.get("nidask.kernels", "auto") == "scipy":
+    if not enabled():
         return
     rng = np.random.default_rng(0)
     volume = rng.random((8, 8, 8)).astype(np.float32)
