@@ -32,6 +32,11 @@ from numpy.typing import ArrayLike
 
 from nidask.errors import InputError
 
+#: Radius (mm) at which rotations count as displacement: framewise displacement, the
+#: registration's parameter scaling, the estimator's changes (a head's, as in Power
+#: et al., 2012).
+HEAD_RADIUS_MM = 50.0
+
 __all__ = [
     "check_affine",
     "check_matrix",
@@ -353,7 +358,7 @@ def motion_parameters(
 
 
 def framewise_displacement(
-    affines: ArrayLike, radius: float = 50.0, center: ArrayLike | None = None
+    affines: ArrayLike, radius: float = HEAD_RADIUS_MM, center: ArrayLike | None = None
 ) -> np.ndarray:
     """Framewise displacement (Power et al., 2012) of a series of motion matrices.
 
@@ -393,7 +398,7 @@ def framewise_displacement(
     return np.concatenate([[0.0], fd])
 
 
-def motion_table(affines, affine, shape3d, radius: float = 50.0) -> np.ndarray:
+def motion_table(affines, affine, shape3d, radius: float = HEAD_RADIUS_MM) -> np.ndarray:
     """(N, 7) array: tx, ty, tz (mm), rx, ry, rz (degrees), framewise displacement (mm).
 
     Parameters are about the centre of the field of view (see

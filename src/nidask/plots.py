@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from nidask.errors import InputError, NidaskError
-from nidask.geometry import motion_table
+from nidask.geometry import HEAD_RADIUS_MM, motion_table
 
 __all__ = ["MissingDependencyError", "plot_mosaic", "plot_motion", "save_figure"]
 
@@ -70,7 +70,7 @@ def plot_motion(
     title: str | None = None,
     axes=None,
     filename=None,
-    radius: float = 50.0,
+    radius: float = HEAD_RADIUS_MM,
 ):
     """Translations, rotations and framewise displacement over volumes (3 panels).
 

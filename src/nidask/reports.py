@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from nidask.errors import InputError
-from nidask.geometry import fov_center, motion_table
+from nidask.geometry import HEAD_RADIUS_MM, fov_center, motion_table
 from nidask.io.cache import atomic_output
 
 COLUMNS = (
@@ -74,7 +74,8 @@ def largest_motion(dataset, count: int = 4) -> list[int]:
 
     centre = np.append(fov_center(dataset.affine, dataset.shape3d), 1.0)
     size = [
-        np.linalg.norm((m @ centre - centre)[:3]) + 50.0 * math.radians(rotation_angle(m))
+        np.linalg.norm((m @ centre - centre)[:3])
+        + HEAD_RADIUS_MM * math.radians(rotation_angle(m))
         for m in dataset.motion_affines
     ]
     return sorted(int(i) for i in np.argsort(size)[::-1][:count])

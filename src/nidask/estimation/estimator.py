@@ -65,7 +65,7 @@ from nidask.estimation.lofo import (
 )
 from nidask.estimation.models import frame_groups, get_model
 from nidask.estimation.registration import RigidRegistration, get_registration
-from nidask.geometry import fov_center, rigid_params
+from nidask.geometry import HEAD_RADIUS_MM, fov_center, rigid_params
 from nidask.io.cache import atomic_output, remove_stale_temporaries
 from nidask.io.npy import NpyFile, write_vector
 from nidask.io.sources import NpySource
@@ -298,7 +298,7 @@ def sample_count(n_volumes: int, most: int = 20000) -> int:
     return int(max(1000, min(most, chunk_bytes() // (2 * 4 * max(n_volumes, 1)))))
 
 
-def changes_mm(before, after, affine, shape3d, radius: float = 50.0) -> np.ndarray:
+def changes_mm(before, after, affine, shape3d, radius: float = HEAD_RADIUS_MM) -> np.ndarray:
     """Per volume, how far its estimate moved (mm; rotations counted at ``radius``)."""
     centre = fov_center(affine, shape3d)
     out = []

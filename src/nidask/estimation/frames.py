@@ -34,7 +34,7 @@ from scipy import optimize
 
 from nidask.errors import InputError
 from nidask.estimation.registration import RigidRegistration
-from nidask.geometry import fov_center, rigid_matrix, rigid_params
+from nidask.geometry import HEAD_RADIUS_MM, fov_center, rigid_matrix, rigid_params
 
 METHODS = ("auto", "temporal", "image")
 
@@ -133,7 +133,7 @@ def tie_frames(
     images=None,
     group_order=None,
     temporal_precision: float = 0.1,
-    radius: float = 50.0,
+    radius: float = HEAD_RADIUS_MM,
     fallback: str = "image",
 ) -> tuple[np.ndarray, dict]:
     """Put every group's estimates in the reference group's frame.

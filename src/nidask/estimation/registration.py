@@ -35,7 +35,13 @@ import numpy as np
 from scipy import ndimage, optimize
 
 from nidask.errors import InputError
-from nidask.geometry import fov_center, rigid_matrix, rigid_params, rotation_and_derivatives
+from nidask.geometry import (
+    HEAD_RADIUS_MM,
+    fov_center,
+    rigid_matrix,
+    rigid_params,
+    rotation_and_derivatives,
+)
 from nidask.ops import kernels
 from nidask.ops.resample import block_affine, block_mean
 
@@ -183,7 +189,7 @@ class RigidRegistration:
     min_samples: int = 2000
     max_samples: int | None = 200_000
     threshold: float = 0.05
-    radius: float = 50.0
+    radius: float = HEAD_RADIUS_MM
     bins: int = 32
     maxiter: int = 200
     jitter: bool = True
