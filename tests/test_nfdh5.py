@@ -155,6 +155,23 @@ def test_nifreeze_style_dwi_with_b0_rows(tmp_path):
     )
 
 
+def test_info_reports_the_layout_the_reader_takes(tmp_path):
+    """``volume_axis=-1`` marks the (X, Y, Z, N) layout: ``load`` and ``info`` agree."""
+    from nidask.cli.info import describe
+
+    data = np.random.default_rng(2).random((*SHAPE3D, 3), dtype=np.float32)
+    path = write_hdf5_series(tmp_path / "last.h5", data)
+    with h5py.File(path, "a") as f:
+        f["0/dataobj"].attrs["volume_axis"] = -1
+    with nidask.load(path) as ds:
+        assert ds.shape == (*SHAPE3D, 3)
+        np.testing.assert_array_equal(ds.dataobj.compute(), data)
+        assert describe(ds, str(path))["layout"] == "(X, Y, Z, N)"
+    major = write_hdf5_series(tmp_path / "major.h5", data, volume_major=True)
+    with nidask.load(major) as ds:
+        assert describe(ds, str(major))["layout"] == "(N, X, Y, Z)"
+
+
 def test_written_layout_and_attributes(dwi_phantom, pet_phantom, tmp_path):
     base = nidask.load(dwi_phantom.image)
     dwi = nidask.load(dwi_phantom.image, **dwi_phantom.companions)

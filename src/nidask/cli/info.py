@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from nidask.cli.common import _bytes, _companion_options, _say, open_dataset
-from nidask.io.sources import is_hdf5, nifti_scaling
+from nidask.io.sources import HDF5Source, is_hdf5, nifti_scaling
 
 
 def _file_facts(path: str) -> dict:
@@ -26,12 +26,14 @@ def _file_facts(path: str) -> dict:
     lower = path.lower()
     facts: dict = {"bytes_on_disk": os.path.getsize(path)}
     if is_hdf5(path):
+        # the layout as the reader takes it (``volume_axis`` 0, -1 or absent)
+        volume_major = HDF5Source(path, "/0/dataobj").volume_major
         with h5py.File(path, "r") as f:
             dset = f["/0/dataobj"]
             version = f.attrs.get("Version")
             facts.update(
                 format=f"NFDH5 v{int(version) if version is not None else '?'}",
-                layout="(N, X, Y, Z)" if "volume_axis" in dset.attrs else "(X, Y, Z, N)",
+                layout="(N, X, Y, Z)" if volume_major else "(X, Y, Z, N)",
                 on_disk_dtype=str(dset.dtype),
                 hdf5_chunks=list(dset.chunks) if dset.chunks else None,
                 compression=dset.compression,
