@@ -35,7 +35,7 @@ def _scipy(volume, matrix, order, cval):
     return out
 
 
-@pytest.mark.parametrize("order", kernels.ORDERS)
+@pytest.mark.parametrize("order", kernels.INTERPOLATION_ORDERS)
 @pytest.mark.parametrize("dtype", ["int16", "uint8", "float32", "float64"])
 def test_kernels_match_scipy(order, dtype):
     """Rotations and shifts that take many samples out of the volume, odd shapes, a cval."""
@@ -47,7 +47,7 @@ def test_kernels_match_scipy(order, dtype):
         np.testing.assert_allclose(out, _scipy(volume, matrix, order, 3.5), rtol=1e-6, atol=1e-4)
 
 
-@pytest.mark.parametrize("order", kernels.ORDERS)
+@pytest.mark.parametrize("order", kernels.INTERPOLATION_ORDERS)
 def test_resample_uses_the_kernels_unless_told_not_to(order, monkeypatch):
     volume = np.asfortranarray(RNG.random((20, 21, 22)).astype(np.float32) * 100)
     matrix = _matrix(0.1, 2.0)
@@ -72,7 +72,7 @@ def test_resample_uses_the_kernels_unless_told_not_to(order, monkeypatch):
     assert not kernels.available(order, "nearest") and not kernels.available(2, "constant")
 
 
-@pytest.mark.parametrize("order", kernels.ORDERS)
+@pytest.mark.parametrize("order", kernels.INTERPOLATION_ORDERS)
 def test_point_sampler_matches_scipy_and_its_own_slopes(order):
     image = ndi.gaussian_filter(RNG.random((14, 12, 10)), 1.5).astype(np.float32)
     volume = image if order == 1 else ndi.spline_filter(image, 3, output=np.float32, mode="mirror")

@@ -40,7 +40,7 @@ from nidask.cli.common import (
 )
 from nidask.cli.convert import cmd_convert
 from nidask.cli.demo import DEMO_SIZES, cmd_demo
-from nidask.cli.estimate import MODELS, ORDERS, cmd_estimate, cmd_estimate_bids
+from nidask.cli.estimate import MODELS, cmd_estimate, cmd_estimate_bids
 from nidask.cli.info import cmd_info, describe
 
 __all__ = [
@@ -48,7 +48,6 @@ __all__ = [
     "DEMO_SIZES",
     "MODELS",
     "MODEL_NEEDS_HINT",
-    "ORDERS",
     "PROG",
     "Terminated",
     "UsageError",

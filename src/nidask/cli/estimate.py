@@ -30,9 +30,9 @@ from nidask.cli.common import (
     scheduler,
     write_outputs,
 )
+from nidask.estimation.lofo import FOLD_ORDERS
 
 MODELS = ("auto", "gp", "average", "median", "dti", "b0", "pet", "neighbours")
-ORDERS = ("sequential", "reverse", "random", "bvalue")
 
 
 def _reference(value: str):
@@ -231,7 +231,7 @@ def add_parser(subparsers, parents) -> argparse.ArgumentParser:
         metavar="MM",
         help="stop once no volume's estimate moves more than this (default 0.1 mm)",
     )
-    group.add_argument("--order", choices=ORDERS, default="sequential", help="fold order")
+    group.add_argument("--order", choices=FOLD_ORDERS, default="sequential", help="fold order")
     group.add_argument("--seed", type=int, default=0, help="seed of --order random")
     group.add_argument(
         "--reference",

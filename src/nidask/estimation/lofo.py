@@ -23,7 +23,7 @@ from nidask.estimation.models import predict_folds
 from nidask.io.npy import NpyFile
 from nidask.progress import compute
 
-ORDERS = ("sequential", "reverse", "random", "bvalue")
+FOLD_ORDERS = ("sequential", "reverse", "random", "bvalue")
 
 
 def fold_order(n: int, order: str = "sequential", seed: int = 0, bvals=None) -> np.ndarray:
@@ -45,7 +45,7 @@ def fold_order(n: int, order: str = "sequential", seed: int = 0, bvals=None) -> 
         if bvals is None:
             raise InputError("order='bvalue' needs a DWI")
         return np.argsort(np.asarray(bvals), kind="stable")
-    raise InputError(f"unknown fold order {order!r} (use one of {', '.join(ORDERS)})")
+    raise InputError(f"unknown fold order {order!r} (use one of {', '.join(FOLD_ORDERS)})")
 
 
 def mask_index(mask: np.ndarray) -> np.ndarray:

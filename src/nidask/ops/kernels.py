@@ -26,7 +26,7 @@ import dask
 import numpy as np
 from scipy import ndimage as ndi
 
-ORDERS = (1, 3)
+INTERPOLATION_ORDERS = (1, 3)
 """Interpolation orders the kernels implement (``mode="constant"`` only)."""
 
 SCIPY_FALLBACK_NOTE = (
@@ -41,7 +41,7 @@ def available(order: int, mode: str) -> bool:
     numba is looked up, not imported: it is imported (and the kernels compiled) by
     the first task that resamples, so nothing else pays for it.
     """
-    return order in ORDERS and mode == "constant" and enabled()
+    return order in INTERPOLATION_ORDERS and mode == "constant" and enabled()
 
 
 def enabled() -> bool:
@@ -413,9 +413,9 @@ def warm_up() -> None:
     volume = rng.random((8, 8, 8)).astype(np.float32)
     identity = np.eye(4)
     for data in (volume, (volume * 100).astype(np.int16)):
-        for order in ORDERS:
+        for order in INTERPOLATION_ORDERS:
             affine_transform(data, identity, order, 0.0, np.empty(data.shape, np.float32))
     points = rng.random((16, 3)) * 6
-    for order in ORDERS:
+    for order in INTERPOLATION_ORDERS:
         values, slopes = sample_points(volume, points, identity[:3, :3], np.zeros(3), True, order)
     ncc_terms(values, slopes, np.full(16, 1 / 16), values - values.mean(), points)
