@@ -1,7 +1,7 @@
 """Helpers shared by the ``nidask`` subcommands.
 
 The usage-error and termination exceptions and the parser that raises them, console
-output (``_say``, byte sizes, paths, one-line errors), opening a series with the
+output (``say``, byte sizes, paths, one-line errors), opening a series with the
 companion files named on the command line, model checks, the dask ``scheduler``
 context, atomic output directories, the outputs and warnings of ``estimate`` and
 ``demo``, and the option groups (general, companion files, where to compute) that
@@ -49,14 +49,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 # -- small helpers ------------------------------------------------------------------------
-def _say(*parts, file=None) -> None:
+def say(*parts, file=None) -> None:
+    """Print a line of the command's output at once (flushed)."""
     print(*parts, file=file or sys.stdout, flush=True)
 
 
-def _bytes(n: float) -> str:
+def human_bytes(n: float) -> str:
     """``n`` bytes in B, KiB, MiB, GiB or TiB.
 
-    >>> _bytes(512), _bytes(1536), _bytes(3 * 1024**3)
+    >>> human_bytes(512), human_bytes(1536), human_bytes(3 * 1024**3)
     ('512 B', '1.5 KiB', '3.0 GiB')
     """
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -96,7 +97,7 @@ def _show(path: str) -> str:
 
 
 def _error_line(message: str) -> None:
-    _say(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    say(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 def _companions(args) -> dict:
@@ -197,11 +198,11 @@ def scheduler(name: str, workers: int | None):
 
         cluster = local_cluster(workers or 2)
         with cluster, Client(cluster) as client:
-            _say(f"dashboard: {client.dashboard_link}", file=sys.stderr)
+            say(f"dashboard: {client.dashboard_link}", file=sys.stderr)
             yield client
         return
     if workers:
-        _say("note: --workers is ignored with a scheduler address", file=sys.stderr)
+        say("note: --workers is ignored with a scheduler address", file=sys.stderr)
     try:
         client = Client(name, timeout="10s")
     except (OSError, TimeoutError, ValueError) as exc:
@@ -226,7 +227,7 @@ def write_outputs(raw, estimated, directory, **options) -> list[str]:
     from nidask.reports import write_outputs as write
 
     return write(
-        raw, estimated, directory, warn=lambda m: _say(f"note: {m}", file=sys.stderr), **options
+        raw, estimated, directory, warn=lambda m: say(f"note: {m}", file=sys.stderr), **options
     )
 
 
@@ -246,7 +247,7 @@ def _warn_flags(report) -> None:
     for flag, volumes in flagged(report).items():
         shown = ", ".join(str(v) for v in volumes[:8]) + (", ..." if len(volumes) > 8 else "")
         meaning = FLAG_MEANINGS.get(flag, flag)
-        _say(
+        say(
             f"warning: {len(volumes)} volume(s) flagged {flag} ({meaning}): {shown}",
             file=sys.stderr,
         )
@@ -279,7 +280,8 @@ def _common_options(default) -> argparse.ArgumentParser:
     return parent
 
 
-def _companion_options(parser) -> None:
+def add_companion_options(parser) -> None:
+    """The ``--bvec``/``--bval``/... options of commands that read a NIfTI series."""
     group = parser.add_argument_group("companion files (NIfTI inputs)")
     group.add_argument("--bvec", metavar="FILE", help="FSL b-vectors (DWI)")
     group.add_argument("--bval", metavar="FILE", help="FSL b-values (DWI)")

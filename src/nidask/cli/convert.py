@@ -12,7 +12,13 @@ import os
 import sys
 import time
 
-from nidask.cli.common import UsageError, _bytes, _companion_options, _say, open_dataset
+from nidask.cli.common import (
+    UsageError,
+    add_companion_options,
+    human_bytes,
+    open_dataset,
+    say,
+)
 from nidask.io.sources import HDF5_SUFFIXES, NIFTI_SUFFIXES
 
 
@@ -48,7 +54,7 @@ def cmd_convert(args) -> int:
             if args.apply_motion and dataset.motion_affines is None:
                 raise InputError("has no motion matrices to apply", args.input)
             if dataset.motion_affines is not None and not args.apply_motion:
-                _say(
+                say(
                     "note: the motion matrices are not applied nor written "
                     "(add --apply-motion to resample and write an .x5)",
                     file=sys.stderr,
@@ -68,7 +74,7 @@ def cmd_convert(args) -> int:
             extra += ", b=0 reference inserted as volume 0" if insert_b0 else ""
         elapsed = time.perf_counter() - start
     size = os.path.getsize(args.output)
-    _say(f"wrote {args.output}{extra}: {_bytes(size)} in {elapsed:.1f} s")
+    say(f"wrote {args.output}{extra}: {human_bytes(size)} in {elapsed:.1f} s")
     return 0
 
 
@@ -84,7 +90,7 @@ def add_parser(subparsers, parents) -> argparse.ArgumentParser:
     )
     convert.add_argument("input", help="input series")
     convert.add_argument("output", help="output file (.h5, .nii or .nii.gz)")
-    _companion_options(convert)
+    add_companion_options(convert)
     group = convert.add_argument_group("output options")
     group.add_argument(
         "--compression", choices=("gzip", "lzf"), help="HDF5 compression (NFDH5 outputs)"

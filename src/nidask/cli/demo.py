@@ -15,13 +15,13 @@ import time
 
 from nidask.cli.common import (
     UsageError,
-    _bytes,
     _peak_memory,
     _positive_int,
-    _say,
     _scheduler_options,
     _show,
     atomic_directory,
+    human_bytes,
+    say,
     scheduler,
     write_outputs,
 )
@@ -107,16 +107,16 @@ def _demo_series(kind: str, out: str, size: dict, passes: int, client) -> dict:
     relocate = {k: v.replace(temp, directory) for k, v in truth.companions.items()}
     image = truth.image.replace(temp, directory)
     shape = "x".join(map(str, size["shape3d"]))
-    _say(f"phantom    {_show(image)}: {shape} voxels, {what}")
-    _say("           known motion: drift and jumps up to 3 mm and 3 deg per axis")
+    say(f"phantom    {_show(image)}: {shape} voxels, {what}")
+    say("           known motion: drift and jumps up to 3 mm and 3 deg per axis")
     dataset = nidask.load(image, **relocate)
     with dataset:
-        _say(f"lazy       {dataset!r}")
+        say(f"lazy       {dataset!r}")
         for line in _graph_facts(dataset):
-            _say(f"           {line}")
+            say(f"           {line}")
         estimator = nidask.Estimator(**({} if passes is None else {"passes": passes}))
         models = dataset.default_model()
-        _say(
+        say(
             f"estimate   model {' then '.join(models) if isinstance(models, list) else models}, "
             f"{'default' if estimator.passes is None else 'up to ' + str(estimator.passes)} "
             f"passes, {len(dataset.whole_series())} leave-one-out folds"
@@ -124,10 +124,10 @@ def _demo_series(kind: str, out: str, size: dict, passes: int, client) -> dict:
         t0 = time.perf_counter()
         estimated = estimator.run(dataset, client=client)
         seconds = time.perf_counter() - t0
-        _say(f"           done in {seconds:.1f} s")
+        say(f"           done in {seconds:.1f} s")
         for record in estimator.report["passes"]:
             tie = record["frame_tie"].get("method") or "one frame"
-            _say(
+            say(
                 f"           pass {record['pass']}: largest change "
                 f"{record['largest_change_mm']:.2f} mm, frames: {tie}"
             )
@@ -142,13 +142,13 @@ def _demo_series(kind: str, out: str, size: dict, passes: int, client) -> dict:
             true=true @ errors["offset"],
             title=f"{kind.upper()} phantom: ",
         )
-    _say(f"outputs    {', '.join(os.path.join(_show(directory), w) for w in written)}")
-    _say(
+    say(f"outputs    {', '.join(os.path.join(_show(directory), w) for w in written)}")
+    say(
         f"errors     translation median {errors['translation_mm_median']:.2f} mm, "
         f"worst {errors['translation_mm_max']:.2f} mm; rotation median "
         f"{errors['rotation_deg_median']:.2f} deg, worst {errors['rotation_deg_max']:.2f} deg"
     )
-    _say(
+    say(
         "           (every volume of the file, estimated vs true, after removing the common "
         "offset between the estimator's frame and the truth's)"
     )
@@ -165,7 +165,7 @@ def cmd_demo(args) -> int:
     size = DEMO_SIZES[args.size]
     _prepare_demo_directory(out)
     baseline = _peak_memory()[0]
-    _say(
+    say(
         f"nidask demo ({args.size}): synthetic DWI and PET series with known head motion, "
         f"written to {_show(out)}"
     )
@@ -173,22 +173,22 @@ def cmd_demo(args) -> int:
     results = []
     with scheduler(args.scheduler, args.workers) as client:
         for kind in ("dwi", "pet"):
-            _say(f"\n== {kind.upper()} ==")
+            say(f"\n== {kind.upper()} ==")
             results.append(_demo_series(kind, out, size, args.passes, client))
     own, children = _peak_memory()
-    _say("\n== summary ==")
+    say("\n== summary ==")
     for r in results:
-        _say(
+        say(
             f"{r['kind'].upper():<4} translation error median {r['translation_mm_median']:.2f} mm"
             f" (worst {r['translation_mm_max']:.2f}), rotation error median "
             f"{r['rotation_deg_median']:.2f} deg (worst {r['rotation_deg_max']:.2f}), "
             f"estimated in {r['seconds_estimate']:.1f} s"
         )
-    peak = f"peak memory {_bytes(own)} (ru_maxrss; {_bytes(baseline)} after start-up)"
+    peak = f"peak memory {human_bytes(own)} (ru_maxrss; {human_bytes(baseline)} after start-up)"
     if children > 0 and args.scheduler == "processes":
-        peak += f", worker processes {_bytes(children)}"
-    _say(peak)
-    _say(f"total {time.perf_counter() - start:.1f} s; outputs in {_show(out)}")
+        peak += f", worker processes {human_bytes(children)}"
+    say(peak)
+    say(f"total {time.perf_counter() - start:.1f} s; outputs in {_show(out)}")
     return 0
 
 

@@ -19,14 +19,14 @@ from nidask.cli.common import (
     COMPANIONS,
     Terminated,
     UsageError,
-    _companion_options,
     _model_for,
     _motion_summary,
     _non_negative_int,
-    _say,
     _scheduler_options,
     _warn_flags,
+    add_companion_options,
     open_dataset,
+    say,
     scheduler,
     write_outputs,
 )
@@ -88,9 +88,9 @@ def cmd_estimate_bids(args) -> int:
             modalities=args.modality,
             client=client,
             settings=settings,
-            say=_say,
+            say=say,
         )
-    _say(summary_table(results))
+    say(summary_table(results))
     return 1 if any(r.status == "failed" for r in results) else 0
 
 
@@ -127,7 +127,7 @@ def cmd_estimate(args) -> int:
                     f"cannot create the output directory: {exc.strerror}", out
                 ) from exc
             fresh = not os.path.exists(work)
-            _say(
+            say(
                 f"estimating {len(dataset)} volumes of {args.input}: model {model}, "
                 f"{'default' if args.passes is None else args.passes} pass(es), "
                 f"scheduler {args.scheduler}" + ("" if fresh else " (resuming)")
@@ -145,7 +145,7 @@ def cmd_estimate(args) -> int:
                 raise KeyboardInterrupt(f"{work}: interrupted; continue with --resume") from None
             except Terminated:
                 raise Terminated(f"{work}: terminated; continue with --resume") from None
-            _say(f"estimated in {time.perf_counter() - start:.1f} s: {_motion_summary(estimated)}")
+            say(f"estimated in {time.perf_counter() - start:.1f} s: {_motion_summary(estimated)}")
             _warn_flags(estimator.report)
             written = write_outputs(
                 dataset,
@@ -156,7 +156,7 @@ def cmd_estimate(args) -> int:
                 insert_b0=args.insert_b0,
                 plots=not args.no_plots,
             )
-    _say(f"wrote {', '.join(written)} in {out}")
+    say(f"wrote {', '.join(written)} in {out}")
     return 0
 
 
@@ -185,7 +185,7 @@ def add_parser(subparsers, parents) -> argparse.ArgumentParser:
     estimate.add_argument(
         "analysis_level", nargs="?", choices=("participant",), help="BIDS mode: participant"
     )
-    _companion_options(estimate)
+    add_companion_options(estimate)
     group = estimate.add_argument_group("BIDS datasets")
     group.add_argument(
         "--participant-label",

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from nidask.cli.common import _bytes, _companion_options, _say, open_dataset
+from nidask.cli.common import add_companion_options, human_bytes, open_dataset, say
 from nidask.io.sources import HDF5Source, is_hdf5, nifti_scaling
 
 
@@ -115,14 +115,15 @@ def _print_info(facts: dict) -> None:
         (
             "chunks",
             f"{c['volumes_per_chunk']} volume(s) per chunk, {c['n_chunks']} chunk(s), "
-            f"{_bytes(c['bytes_per_chunk'])} per chunk",
+            f"{human_bytes(c['bytes_per_chunk'])} per chunk",
         )
     )
     rows.append(
         (
             "size",
-            f"{_bytes(facts['bytes_on_disk'])} on disk, {_bytes(facts['bytes_in_ram'])} in RAM "
-            f"({facts['dtype']}; {_bytes(facts['bytes_in_ram_float32'])} as float32)",
+            f"{human_bytes(facts['bytes_on_disk'])} on disk, "
+            f"{human_bytes(facts['bytes_in_ram'])} in RAM "
+            f"({facts['dtype']}; {human_bytes(facts['bytes_in_ram_float32'])} as float32)",
         )
     )
     if "dwi" in facts:
@@ -144,7 +145,7 @@ def _print_info(facts: dict) -> None:
     rows.append(("motion", "set" if facts["motion"] else "none"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        _say(f"{key:<{width}}  {value}")
+        say(f"{key:<{width}}  {value}")
 
 
 def cmd_info(args) -> int:
@@ -152,7 +153,7 @@ def cmd_info(args) -> int:
     with dataset:
         facts = describe(dataset, args.file)
     if args.json:
-        _say(json.dumps(facts, indent=2))
+        say(json.dumps(facts, indent=2))
     else:
         _print_info(facts)
     return 0
@@ -168,7 +169,7 @@ def add_parser(subparsers, parents) -> argparse.ArgumentParser:
         "and size on disk vs in RAM, from headers only.",
     )
     info.add_argument("file", help="NIfTI (.nii, .nii.gz), NFDH5 (.h5) or .npy series")
-    _companion_options(info)
+    add_companion_options(info)
     info.add_argument("--json", action="store_true", help="print the facts as JSON")
     info.set_defaults(func=cmd_info)
     return info

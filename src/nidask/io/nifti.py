@@ -23,7 +23,7 @@ import numpy as np
 
 from nidask.io.cache import atomic_output, final_name
 from nidask.io.files import presize
-from nidask.io.store import _check_whole_volumes, store, store_volumes, write_blocks
+from nidask.io.store import check_whole_volumes, store, store_volumes, write_blocks
 
 HEADER_BYTES = 352
 COMPRESS_STEP = 8 * 2**20
@@ -91,7 +91,7 @@ class GzipMemberTarget:
         return os.path.join(self.directory, f"{start:09d}.gz")
 
     def __setitem__(self, key, value) -> None:
-        start = _check_whole_volumes(key, self.shape[:3]).indices(self.shape[3])[0]
+        start = check_whole_volumes(key, self.shape[:3]).indices(self.shape[3])[0]
         block = np.asfortranarray(value, dtype=self.dtype)
         raw = memoryview(block.T.data).cast("B") if block.size else memoryview(b"")
         final = self.member_path(start)

@@ -31,7 +31,7 @@ from nidask.progress import compute
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 
 
-def _check_whole_volumes(key: tuple, shape3d: tuple[int, ...]) -> slice:
+def check_whole_volumes(key: tuple, shape3d: tuple[int, ...]) -> slice:
     for axis, (index, size) in enumerate(zip(key[:3], shape3d, strict=True)):
         start, stop, step = index.indices(size)
         if (start, stop, step) != (0, size, 1):
@@ -62,7 +62,7 @@ class VolumeFileTarget:
         self.volume_bytes = math.prod(self.shape[:3]) * self.dtype.itemsize
 
     def __setitem__(self, key, value) -> None:
-        volumes = _check_whole_volumes(key, self.shape[:3])
+        volumes = check_whole_volumes(key, self.shape[:3])
         start = volumes.indices(self.shape[3])[0]
         block = np.asfortranarray(value, dtype=self.dtype)
         fd = os.open(self.path, os.O_WRONLY)
