@@ -317,11 +317,11 @@ def _ratio(mine: dict, theirs: dict, shell: str) -> str:
 
 
 def default_variant(key: str) -> str:
-    """The run the estimator's default makes on protocol ``key`` (its shell density)."""
-    from nidask.estimation.estimator import DENSE_SHELL
+    """The run the estimator's default makes on protocol ``key`` (by its shell size)."""
+    from nidask import Estimator
 
     _, _, n_dw, shells, _ = PROTOCOLS[key]
-    return REFINED if n_dw // len(shells) >= DENSE_SHELL else ANCHOR_ONLY
+    return REFINED if Estimator().pass_count(True, n_dw // len(shells)) else ANCHOR_ONLY
 
 
 def table(results: dict) -> str:

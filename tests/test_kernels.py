@@ -111,7 +111,7 @@ def test_ncc_terms_equal_their_numpy_twin():
 
 def test_compiled_and_scipy_registration_costs_agree():
     """The NCC cost and gradient the optimiser sees, compiled and with scipy alone."""
-    from nidask.estimation.registration import RigidRegistration, _NCCCost
+    from nidask.estimation.registration import _NCCCost
 
     fixed = ndi.gaussian_filter(RNG.random((24, 22, 20)), 2.0).astype(np.float32)
     moving = np.roll(fixed, 1, axis=0) + RNG.normal(0, 0.002, fixed.shape).astype(np.float32)

@@ -29,7 +29,7 @@ import numpy as np
 
 from nidask.estimation.frames import recentre
 from nidask.estimation.registration import RigidRegistration
-from nidask.io.cache import atomic_output
+from nidask.io.cache import atomic_output, discard, save_array
 from nidask.io.npy import NpyFile
 from nidask.ops.resample import resample_volume
 from nidask.progress import compute
@@ -42,13 +42,6 @@ MI_REGISTRATION = RigidRegistration(metric="mi", smoothing=(2.0, 1.0, 0.0))
 B0_REGISTRATION = RigidRegistration()
 #: Rounds of register-and-average that build the template.
 TEMPLATE_ROUNDS = 3
-
-
-def save_atomic(path: str, array: np.ndarray) -> None:
-    """``np.save`` under a temporary name, renamed when complete."""
-    with atomic_output(path) as temp:
-        with open(temp, "wb") as f:
-            np.save(f, array)
 
 
 def register_to_image(
@@ -72,7 +65,7 @@ def register_to_image(
     )
     with atomic_output(record[: -len(".npy")] + ".json") as temp, open(temp, "w") as f:
         json.dump(quality, f)
-    save_atomic(record, np.asarray(matrix, dtype=float))
+    save_array(record, np.asarray(matrix, dtype=float))
     return matrix
 
 
@@ -114,7 +107,7 @@ def b0_template(
     os.makedirs(folder, exist_ok=True)
     template = os.path.join(folder, "template-0.npy")
     if not os.path.exists(template):
-        save_atomic(template, NpyFile.open(volumes).read_volume(b0_index[0]))
+        save_array(template, NpyFile.open(volumes).read_volume(b0_index[0]))
     matrices = np.tile(np.eye(4), (len(b0_index), 1, 1))
     if len(b0_index) == 1:
         return template, matrices
@@ -138,7 +131,7 @@ def b0_template(
         template = os.path.join(folder, f"template-{r}.npy")
         if not os.path.exists(template):
             mean = dask.delayed(_registered_mean)(volumes, b0_index, matrices, affine)
-            save_atomic(template, compute(mean, label="b=0 template", progress=progress)[0])
+            save_array(template, compute(mean, label="b=0 template", progress=progress)[0])
     return template, matrices
 
 
@@ -173,3 +166,12 @@ def anchor_estimates(
             progress,
         )
     return estimates, template
+
+
+def remove_earlier_templates(folder: str) -> None:
+    """Remove the template's earlier rounds from an anchor ``folder`` (the last round,
+    the b=0 template, stays)."""
+    template = os.path.join(folder, "template")
+    if os.path.isdir(template):
+        rounds = sorted(n for n in os.listdir(template) if n.startswith("template-"))
+        discard(os.path.join(template, n) for n in rounds[:-1])

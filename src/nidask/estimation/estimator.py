@@ -47,7 +47,7 @@ from scipy import ndimage
 
 from nidask.config import chunk_bytes, volumes_per_chunk
 from nidask.errors import InputError
-from nidask.estimation.anchor import TEMPLATE_ROUNDS, anchor_estimates
+from nidask.estimation.anchor import TEMPLATE_ROUNDS, anchor_estimates, remove_earlier_templates
 from nidask.estimation.frames import (
     METHODS,
     interleaved,
@@ -66,7 +66,7 @@ from nidask.estimation.lofo import (
 from nidask.estimation.models import frame_groups, get_model
 from nidask.estimation.registration import RigidRegistration, get_registration
 from nidask.geometry import HEAD_RADIUS_MM, fov_center, rigid_params
-from nidask.io.cache import atomic_output, remove_stale_temporaries
+from nidask.io.cache import atomic_output, discard, remove_stale_temporaries, save_array
 from nidask.io.npy import NpyFile, write_vector
 from nidask.io.sources import NpySource
 from nidask.io.store import write_npy
@@ -111,13 +111,6 @@ def pass_entry(p: int, changes: np.ndarray, tie: dict) -> dict:
     }
 
 
-def remove_files(folder: str, names) -> None:
-    """Remove the files ``names`` of ``folder`` that exist."""
-    for name in names:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(folder, name))
-
-
 def smallest_shell(groups: np.ndarray, reference_group) -> int:
     """Volumes in the smallest group other than the reference (a DWI's fewest
     directions in a shell)."""
@@ -128,12 +121,6 @@ def smallest_shell(groups: np.ndarray, reference_group) -> int:
 def read_volume(path: str, index: int) -> np.ndarray:
     """Volume ``index`` of a volume-contiguous ``.npy`` as float32 (one read)."""
     return NpyFile.open(path).read_volume(index)
-
-
-def _save_atomic(path: str, array: np.ndarray) -> None:
-    with atomic_output(path) as temp:
-        with open(temp, "wb") as f:
-            np.save(f, array)
 
 
 def _save_json(path: str, value) -> None:
@@ -187,7 +174,7 @@ def register_fold(
         matrix, quality = registration(fixed, moving, affine, mask=mask, init=init), {}
     matrix = np.asarray(matrix, dtype=float)
     _save_json(record[: -len(".npy")] + ".json", quality)
-    _save_atomic(record, matrix)
+    save_array(record, matrix)
     return matrix
 
 
@@ -581,23 +568,19 @@ class Estimator:
                 return np.load(matrices), json.load(f)
         estimates, entry = compute_pass()
         _save_json(entry_file, entry)
-        _save_atomic(matrices, np.asarray(estimates, dtype=float))  # written last: the mark
+        save_array(matrices, np.asarray(estimates, dtype=float))  # written last: the mark
         if not self.keep_work:
-            remove_files(folder, PASS_ARRAYS)
+            discard(os.path.join(folder, name) for name in PASS_ARRAYS)
         return estimates, entry
 
     def _finish(self, workdir: str, estimates: np.ndarray) -> None:
         """Record a finished run (its report, then its estimates) and, unless
         ``keep_work``, remove the run's copy of the series."""
         _save_json(os.path.join(workdir, REPORT_FILE), self.report)
-        _save_atomic(os.path.join(workdir, FINAL_ESTIMATES), estimates)
+        save_array(os.path.join(workdir, FINAL_ESTIMATES), estimates)
         if not self.keep_work:
-            remove_files(workdir, ("data.npy",))
-            # the template's earlier rounds (the last one, the b=0 template, stays)
-            template = os.path.join(workdir, "anchor", "template")
-            if os.path.isdir(template):
-                rounds = sorted(n for n in os.listdir(template) if n.startswith("template-"))
-                remove_files(template, rounds[:-1])
+            discard([os.path.join(workdir, "data.npy")])
+            remove_earlier_templates(os.path.join(workdir, "anchor"))
 
     def _finished(self, workdir: str):
         """The estimates of a finished run in ``workdir`` (its report restored), or None."""
@@ -609,17 +592,17 @@ class Estimator:
             self.report = json.load(f)
         return np.load(final)
 
-    def pass_count(self, anchored: bool, groups=None, reference_group=None) -> int:
+    def pass_count(self, anchored: bool, smallest: int = 0) -> int:
         """Leave-one-out passes of a run (``passes``, or its default).
 
-        After the b=0 anchor the default depends on the smallest shell (see
-        :data:`DENSE_SHELL`); without it, :data:`UNANCHORED_PASSES`.
+        After the b=0 anchor the default depends on the ``smallest`` shell's size
+        (see :data:`DENSE_SHELL`); without it, :data:`UNANCHORED_PASSES`.
         """
         if self.passes is not None:
             return int(self.passes)
         if not anchored:
             return UNANCHORED_PASSES
-        return ANCHORED_PASSES if smallest_shell(groups, reference_group) >= DENSE_SHELL else 0
+        return ANCHORED_PASSES if smallest >= DENSE_SHELL else 0
 
     def _anchored(self, groups, reference_group) -> bool:
         """Whether this run starts from the b=0 anchor (:mod:`nidask.estimation.anchor`)."""
@@ -639,7 +622,7 @@ class Estimator:
         os.makedirs(folder, exist_ok=True)
         inner = os.path.join(folder, "mask.npy")
         if not os.path.exists(inner):
-            _save_atomic(inner, away_from_edges(run.mask, whole.affine))
+            save_array(inner, away_from_edges(run.mask, whole.affine))
         reference = groups == reference_group
         estimates, _ = anchor_estimates(
             run.raw,
@@ -653,21 +636,15 @@ class Estimator:
         )
         identity = np.tile(np.eye(4), (len(whole), 1, 1))
         changes = changes_mm(identity, estimates, whole.affine, whole.shape3d)
-        history = [
-            {
-                "pass": 0,
-                "stage": "b=0 anchor: template, then mutual information to it",
-                "largest_change_mm": float(changes.max()),
-                "median_change_mm": float(np.median(changes)),
-                "frame_tie": {"method": "b=0 template"},
-            }
-        ]
+        entry = pass_entry(0, changes, {"method": "b=0 template"})
+        history = [{**entry, "stage": "b=0 anchor: template, then mutual information to it"}]
         anchor = estimates
         folds = [int(i) for i in order if not reference[i]]
-        passes = self.pass_count(True, groups, reference_group)
+        smallest = smallest_shell(groups, reference_group)
+        passes = self.pass_count(True, smallest)
         history[0]["refining_passes"] = {
             "passes": passes,
-            "smallest_shell": smallest_shell(groups, reference_group),
+            "smallest_shell": smallest,
             "chosen_by": "the passes option" if self.passes is not None else "shell density",
         }
         for p in range(1, passes + 1):
@@ -708,7 +685,7 @@ class Estimator:
         grouping = getattr(model, "frame_groups", None)
         groups, _ = (grouping or frame_groups)(whole.volume_meta(), len(whole))
         with _scheduler(client):
-            run = self._setup(whole, workdir, groups)
+            run = self._setup(whole, self._prepare(whole, workdir), groups)
             path, _ = self._predict(whole, run, 1, model, None)
             return np.load(path, mmap_mode="r")
 
@@ -734,7 +711,7 @@ class Estimator:
         self._to_reference(dataset, np.tile(np.eye(4), (len(dataset), 1, 1)))
 
     def _setup(self, dataset, workdir, groups) -> _Run:
-        workdir = self._prepare(dataset, workdir)
+        """The run's shared files in ``workdir`` (from :meth:`_prepare`), unless recorded."""
         remove_stale_temporaries(workdir)  # of an earlier, killed attempt
         raw = self._write_data(dataset, os.path.join(workdir, "data.npy"))
         mask_path = os.path.join(workdir, "mask.npy")
@@ -742,11 +719,11 @@ class Estimator:
             mask = dataset.brainmask
             if mask is None:
                 mask = default_mask(raw, dataset.shape3d)
-            _save_atomic(mask_path, np.asarray(mask, dtype=bool))
+            save_array(mask_path, np.asarray(mask, dtype=bool))
         mask = np.load(mask_path)
         interior = os.path.join(workdir, "interior.npy")
         if not os.path.exists(interior):
-            _save_atomic(interior, interior_rows(mean_volume(raw), mask))
+            save_array(interior, interior_rows(mean_volume(raw), mask))
         flags = check_field_of_view(
             dataset.shape3d, dataset.affine, mask, (dataset.inputs or (None,))[0]
         )
@@ -879,7 +856,7 @@ class Estimator:
         selection = groups == reference_group if reference_group is not None else slice(None)
         tied = recentre(tied, selection, dataset.affine, dataset.shape3d)
         _save_json(info_path, info)
-        _save_atomic(path, tied)
+        save_array(path, tied)
         return tied, info
 
     def _report(self, dataset, run, history, estimates, last_pass, disagreement=None) -> dict:

@@ -144,7 +144,7 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
         if not _writer_gone(name[name.rindex(TEMP_MARK) + len(TEMP_MARK) :]):
             continue
         path = os.path.join(directory, name)
-        _discard([path])
+        discard([path])
         if not os.path.lexists(path):
             removed.append(path)
     return removed
@@ -299,12 +299,12 @@ def atomic_outputs(
         for temp, final in zip(temps, finals, strict=True):
             os.replace(temp, final)
     except OSError as exc:
-        _discard(temps)
+        discard(temps)
         if isinstance(exc, OutputError):
             raise
         raise OutputError(_describe(exc), finals[0]) from exc
     except BaseException:
-        _discard(temps)
+        discard(temps)
         raise
 
 
@@ -317,7 +317,16 @@ def atomic_output(
         yield temp
 
 
-def _discard(paths: Iterable[str]) -> None:
+def save_array(path: str | os.PathLike, array) -> None:
+    """``numpy.save`` of ``array`` to ``path`` atomically (see :func:`atomic_output`)."""
+    import numpy as np
+
+    with atomic_output(path) as temp, open(temp, "wb") as f:
+        np.save(f, array)
+
+
+def discard(paths: Iterable[str]) -> None:
+    """Remove these files or directories, those that exist."""
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
             if os.path.isdir(path):
