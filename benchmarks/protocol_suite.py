@@ -1,6 +1,6 @@
 """Motion accuracy on real anatomy, for every class of diffusion protocol.
 
-    python benchmarks/protocol_suite.py [--series a,b,c,d,e,f] [--motion random,mcflirt]
+    python benchmarks/protocol_suite.py [--series a,b,c,d,e,f,g] [--motion random,mcflirt]
         [--skip-ants] [--ants-volumes N] [--out benchmarks/results/protocols.json]
     python benchmarks/protocol_suite.py --table benchmarks/results/protocols.json
 
@@ -55,6 +55,7 @@ PROTOCOLS = {
     "d": ("single shell: 1 b=0 + 32 at b=1000", 1, 32, (1000,), None),
     "e": ("high b: 2 b=0 + 2 x 30 at b=3000/5000", 2, 60, (3000, 5000), None),
     "f": ("UK Biobank-like: 5 b=0 + 2 x 50", 5, 100, (1000, 2000), 21),
+    "g": ("sparse: 1 b=0 + 2 x 15", 1, 30, (1000, 2000), None),
 }
 LIMIT_MM = 0.5
 #: nidask runs: the b=0 anchor alone, and two leave-one-out passes after it (the
@@ -371,7 +372,7 @@ def table(results: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--series", default="b,c,d,e", help="protocols (a,b,c,d,e,f)")
+    p.add_argument("--series", default="b,c,d,e", help="protocols (a,b,c,d,e,f,g)")
     p.add_argument("--motion", default="random,mcflirt", help="random, mcflirt or both")
     p.add_argument("--skip-ants", action="store_true", help="nidask only")
     p.add_argument(
