@@ -95,7 +95,7 @@ def import_nidask_module(name: str):
 def _load(args):
     import nidask
 
-    return nidask.dmri.from_nii(args.nii, bvec_file=args.bvec, bval_file=args.bval)
+    return nidask.data.dmri.from_nii(args.nii, bvec_file=args.bvec, bval_file=args.bval)
 
 
 def _data_bytes(ds) -> int:

@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(HERE / "results" / "cluster_monitoring.json"))
     args = parser.parse_args(argv)
 
-    from nidask import phantom
+    from nidask.validation import phantom
 
     with tempfile.TemporaryDirectory(prefix="nidask-monitoring-") as directory:
         pair = phantom.make_hcp_like(

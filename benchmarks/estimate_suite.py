@@ -8,13 +8,13 @@ series into the work directory (not ``run.py``'s random-noise series), each with
 known motion, and runs every tool on the same files, each run in its own child
 process:
 
-- **3-shell HCP-like**: :func:`nidask.phantom.make_hcp_like` (b = 1000/2000/3000,
+- **3-shell HCP-like**: :func:`nidask.validation.phantom.make_hcp_like` (b = 1000/2000/3000,
   interleaved moving b=0 volumes, realistic motion);
-- **single shell b=1000**: :func:`nidask.phantom.make_dwi` (interleaved b=0);
-- **PET**: :func:`nidask.phantom.make_pet` (frame 0 is the motion-free reference);
+- **single shell b=1000**: :func:`nidask.validation.phantom.make_dwi` (interleaved b=0);
+- **PET**: :func:`nidask.validation.phantom.make_pet` (frame 0 is the motion-free reference);
 - **real anatomy, same contrast**: heudiconv's Siemens DWI test DICOMs converted
   with ``dcm2niix``, its first volume (b=5, a b=0) moved by nipype's real MCFLIRT
-  trajectory scaled x3 (:func:`nidask.phantom.make_moved_series`).
+  trajectory scaled x3 (:func:`nidask.validation.phantom.make_moved_series`).
 
 Tools: nidask's ``Estimator`` (``benchmarks/_nidask_task.py estimate``, one child per
 model); ``benchmarks/peer_ants.py`` (every volume registered to a template with ANTs
@@ -24,7 +24,7 @@ Estimator, avgdwi model, DW volumes only).  Peers run with the peer venv's pytho
 ``--skip-peer`` or without that venv.  Every tool gets the phantom's brain mask and
 ``--workers`` threads (2 by default).
 
-Errors are :func:`nidask.evaluation.motion_errors` in the parent: translation of the
+Errors are :func:`nidask.validation.evaluation.motion_errors` in the parent: translation of the
 field-of-view centre (mm) and rotation angle (degrees) of each volume's residual
 after one common rigid offset is removed (each tool reports motion in its own
 reference frame), and the residual's mean displacement over the brain mask (mm).
@@ -130,7 +130,7 @@ def fov_centre(affine, shape3d) -> np.ndarray:
 
 def _motion_range(motion, affine, shape3d) -> dict:
     """Largest displacement of the FOV centre (mm) and rotation angle (deg) of the truth."""
-    from nidask.evaluation import rotation_angle
+    from nidask.validation.evaluation import rotation_angle
 
     centre = np.append(fov_centre(affine, shape3d), 1.0)
     shifts = [np.linalg.norm((m @ centre - centre)[:3]) for m in motion]
@@ -173,14 +173,14 @@ def _noise(noise_free: bool, noise: float | None = None) -> dict:
 
 
 def make_hcp(directory: Path, size: dict, noise_free: bool = False) -> MotionSeries:
-    from nidask import phantom
+    from nidask.validation import phantom
 
     ph = phantom.make_hcp_like(directory, **size, seed=0, **_noise(noise_free))
     return _dwi_series("hcp", "3-shell HCP-like", ph)
 
 
 def make_single_shell(directory: Path, size: dict, noise_free: bool = False) -> MotionSeries:
-    from nidask import phantom
+    from nidask.validation import phantom
 
     ph = phantom.make_dwi(
         directory,
@@ -202,7 +202,7 @@ def _zeros_bval(path: str, n: int) -> str:
 def make_pet_series(directory: Path, size: dict, noise_free: bool = False) -> MotionSeries:
     import nibabel as nb
 
-    from nidask import phantom
+    from nidask.validation import phantom
 
     ph = phantom.make_pet(directory, **size, seed=2, **_noise(noise_free))
     img = nb.load(ph.image)
@@ -249,7 +249,7 @@ def make_real(directory: Path, size: dict, noise_free: bool = False) -> MotionSe
     """heudiconv's b=0 DICOM volume, moved by MCFLIRT's trajectory (x3)."""
     import nibabel as nb
 
-    from nidask import phantom
+    from nidask.validation import phantom
 
     dicoms = _package_file("heudiconv", "tests", "data", "b0dwiForFmap")
     par = _package_file("nipype", "testing", "data", "fsl_mcflirt_movpar.txt")
@@ -313,7 +313,7 @@ def make_bold(directory: Path, size: dict, noise_free: bool = False) -> MotionSe
 
     import nibabel as nb
 
-    from nidask import phantom
+    from nidask.validation import phantom
 
     epi = nb.load(_package_file("nibabel", "tests", "data", "example4d.nii.gz"))
     par = _package_file("nipype", "testing", "data", "fsl_mcflirt_movpar.txt")
@@ -422,7 +422,7 @@ def run_nifreeze(ctx, series: MotionSeries, out: Path) -> tuple[dict, tuple | No
 
 def score(series: MotionSeries, estimate: tuple, volumes: np.ndarray, mask) -> dict:
     """``motion_errors`` of an estimate (matrices, file positions) on file ``volumes``."""
-    from nidask.evaluation import motion_errors
+    from nidask.validation.evaluation import motion_errors
 
     matrices, index = estimate
     row_of = {int(v): r for r, v in enumerate(index)}
@@ -465,7 +465,7 @@ def precision_bound(series: MotionSeries, clean: MotionSeries) -> np.ndarray:
     """
     import nibabel as nb
 
-    from nidask.evaluation import registration_bound
+    from nidask.validation.evaluation import registration_bound
 
     noisy, twin = nb.load(series.image), nb.load(clean.image)
     if not np.allclose(clean.motion, series.motion):
@@ -480,7 +480,7 @@ def precision_bound(series: MotionSeries, clean: MotionSeries) -> np.ndarray:
 
 
 def _bound_row(series: MotionSeries, bound: np.ndarray, volumes: np.ndarray) -> dict:
-    from nidask.evaluation import bound_errors
+    from nidask.validation.evaluation import bound_errors
 
     return {
         "suite": "estimate",
@@ -496,7 +496,7 @@ def _bound_row(series: MotionSeries, bound: np.ndarray, volumes: np.ndarray) -> 
 
 def _by_bvalue(series: MotionSeries, runs: list, bound: np.ndarray) -> dict:
     """Median translation / rotation error per b-value: the bound and nidask's runs."""
-    from nidask.evaluation import bound_errors
+    from nidask.validation.evaluation import bound_errors
 
     bvals = np.round(np.loadtxt(series.bval).ravel(), -2)
     table = {}

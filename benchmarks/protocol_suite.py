@@ -6,9 +6,9 @@
 
 The anatomy is heudiconv's whole-brain Siemens DWI (``tests/data/b0dwiForFmap``,
 converted by the dcm2niix package's executable): its b=0 and b=1500 images give
-the tissue classes of :func:`nidask.phantom.real_anatomy` on a 2 mm grid that keeps
+the tissue classes of :func:`nidask.validation.phantom.real_anatomy` on a 2 mm grid that keeps
 the scan's oblique LAS orientation.  Each protocol
-(:data:`PROTOCOLS`) is written by :func:`nidask.phantom.make_real_dwi` (a
+(:data:`PROTOCOLS`) is written by :func:`nidask.validation.phantom.make_real_dwi` (a
 multi-compartment signal per voxel, the gradient as the moved head sees it, Rician
 noise of SNR 25 at b=0) with known motion of one of two kinds: ``random``
 (independent per volume, up to 2 mm / 2 degrees) or ``mcflirt`` (nipype's real
@@ -22,7 +22,7 @@ rigid Mattes MI to the registered mean of the b=0 volumes, in the peer venv; wit
 volume affordable; both tools are then scored on those volumes).  nidask runs twice:
 the b=0 anchor alone (``passes=0``) and two leave-one-out passes after it
 (``passes=2``); the table marks the one the default picks (by the smallest shell).  Errors:
-:func:`nidask.evaluation.motion_errors` over the volumes both tools estimated, after
+:func:`nidask.validation.evaluation.motion_errors` over the volumes both tools estimated, after
 one common rigid offset (every tool reports motion in its own frame), per shell: the
 median translation of the centre of the field of view (mm) and rotation (degrees),
 the worst mean displacement over the brain (mm), and the number of volumes whose
@@ -72,10 +72,10 @@ def package_file(package: str, *parts: str) -> Path:
 
 
 def load_anatomy(work: Path):
-    """heudiconv's DICOMs through dcm2niix, as :func:`nidask.phantom.real_anatomy`."""
+    """heudiconv's DICOMs through dcm2niix, as :func:`nidask.validation.phantom.real_anatomy`."""
     import nibabel as nb
 
-    from nidask import phantom
+    from nidask.validation import phantom
 
     dicoms = package_file("heudiconv", "tests", "data", "b0dwiForFmap")
     converted = work / "dcm2niix"
@@ -94,8 +94,8 @@ def load_anatomy(work: Path):
 
 
 def protocol_motion(kind: str, n: int, anatomy, rng) -> np.ndarray:
-    from nidask import phantom
     from nidask.geometry import fov_center
+    from nidask.validation import phantom
 
     centre = fov_center(anatomy.affine, anatomy.shape3d)
     if kind == "random":
@@ -111,7 +111,7 @@ def protocol_motion(kind: str, n: int, anatomy, rng) -> np.ndarray:
 
 def make_series(directory: Path, key: str, kind: str, anatomy, seed: int = 7):
     """The noisy series and its noise-free twin (same motion and directions)."""
-    from nidask import phantom
+    from nidask.validation import phantom
 
     _, n_b0, n_dw, shells, every = PROTOCOLS[key]
     rng = np.random.default_rng(seed)
@@ -127,7 +127,7 @@ def bounds(noisy, clean, mask) -> np.ndarray:
     """Each volume's Cramér-Rao covariance against its noise-free twin."""
     import nibabel as nb
 
-    from nidask.evaluation import registration_bound
+    from nidask.validation.evaluation import registration_bound
 
     a, b = nb.load(noisy.image), nb.load(clean.image)
     out = []
@@ -199,7 +199,7 @@ def run_ants(series, out: Path, bvals, workers: int, volumes) -> tuple[dict, obj
 
 def shell_errors(estimate, truth, affine, shape3d, mask, bvals, cov=None, flags=None) -> dict:
     """Per shell (and all volumes): median translation / rotation, worst displacement."""
-    from nidask.evaluation import bound_errors, motion_errors
+    from nidask.validation.evaluation import bound_errors, motion_errors
 
     errors = motion_errors(estimate, truth, affine, shape3d, mask=mask)
     translation = np.asarray(errors["translation_mm"])

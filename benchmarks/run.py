@@ -10,7 +10,7 @@
                                                     # HCP scale (scale_suite.py)
 
 The series is generated once (int16 NIfTI, ``--b0`` b=0 volumes first, ``.bvec`` /
-``.bval``, streamed by :func:`nidask.phantom.write_series`) into a work directory
+``.bval``, streamed by :func:`nidask.validation.phantom.write_series`) into a work directory
 that is removed at the end unless ``--keep``.  Every measurement runs in its own
 child process -- ``benchmarks/_nidask_task.py`` for nidask, the peer venv's python
 running ``benchmarks/peer_nifreeze.py`` for nifreeze -- which prints one JSON line
@@ -106,13 +106,13 @@ class Series:
 def generate_series(directory: Path, shape, n_b0: int, seed: int = 0) -> Series:
     """Write the int16 series, its gradients and per-DW-volume motion matrices.
 
-    The image is streamed by :func:`nidask.phantom.write_series` (a few volumes at a
+    The image is streamed by :func:`nidask.validation.phantom.write_series` (a few volumes at a
     time); the rigid matrices (uniform up to 3 mm / 3 degrees about the grid centre)
     are shared by nidask and nifreeze through one ``.npy``.
     """
     import nibabel as nb
 
-    from nidask.phantom import random_motion, write_series
+    from nidask.validation.phantom import random_motion, write_series
 
     directory.mkdir(parents=True, exist_ok=True)
     shape = tuple(int(s) for s in shape)

@@ -1,7 +1,7 @@
 """Estimation at HCP scale -- memory, speed, compressed input, cluster.
 
 ``python benchmarks/run.py --suites estimate --shape 145,174,145,288`` generates an
-HCP-like 3-shell series of that shape with known motion (:func:`nidask.phantom.
+HCP-like 3-shell series of that shape with known motion (:func:`nidask.validation.phantom.
 make_hcp_like`, 1.25 mm voxels, b=0 every 16 volumes, written as ``.nii.gz`` as HCP
 and OpenNeuro ship it) and measures, each in its own child process:
 
@@ -50,7 +50,7 @@ def working_set_mb(shape3d) -> float:
 
 def make_series(directory: Path, shape, label: str, compressed: bool = True):
     """An HCP-like 3-shell series of ``shape`` (X, Y, Z, N); .nii and, if asked, .nii.gz."""
-    from nidask import phantom
+    from nidask.validation import phantom
 
     x, y, z, n = (int(v) for v in shape)
     n_b0 = max(2, round(n / 16))

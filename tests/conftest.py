@@ -24,7 +24,6 @@ import nibabel as nb
 import numpy as np
 import pytest
 
-from nidask import phantom
 from nidask.geometry import ras_to_fsl
 from nidask.io.cache import Cache
 from nidask.io.sources import (
@@ -35,6 +34,7 @@ from nidask.io.sources import (
     VolumeSelection,
     VolumeSource,
 )
+from nidask.validation import phantom
 
 #: Spatial shape of every small test series.
 SHAPE3D = (16, 18, 12)

@@ -52,8 +52,8 @@ def series(tmp_path):
     "opener",
     [
         lambda p: nidask.load(p),
-        lambda p: nidask.dmri.from_nii(p, gradients_file=p),
-        lambda p: nidask.pet.from_nii(p, temporal_file=p),
+        lambda p: nidask.data.dmri.from_nii(p, gradients_file=p),
+        lambda p: nidask.data.pet.from_nii(p, temporal_file=p),
         lambda p: BaseDataset.from_filename(p),
     ],
     ids=["load", "dmri", "pet", "from_filename"],
@@ -292,7 +292,7 @@ def test_gradients_file_count_mismatch(series, tmp_path):
     table = np.column_stack([_directions(12), np.full(12, 1000.0)])
     np.savetxt(tmp_path / "grad.txt", table)
     with pytest.raises(InputError) as excinfo:
-        nidask.dmri.from_nii(path, gradients_file=tmp_path / "grad.txt")
+        nidask.data.dmri.from_nii(path, gradients_file=tmp_path / "grad.txt")
     assert_names(excinfo, "grad.txt", "12 entries.*10 volumes")
 
 
@@ -300,7 +300,7 @@ def test_gradients_file_wrong_columns(series, tmp_path):
     path, _, _ = series
     np.savetxt(tmp_path / "grad.txt", np.ones((10, 5)))
     with pytest.raises(InputError) as excinfo:
-        nidask.dmri.from_nii(path, gradients_file=tmp_path / "grad.txt")
+        nidask.data.dmri.from_nii(path, gradients_file=tmp_path / "grad.txt")
     assert_names(excinfo, "grad.txt", r"\(N, 4\)")
 
 
@@ -460,5 +460,5 @@ def test_pet_total_duration_not_after_last_midframe(tmp_path):
 
 def test_pet_without_temporal_file(pet_series):
     with pytest.raises(InputError) as excinfo:
-        nidask.pet.from_nii(pet_series)
+        nidask.data.pet.from_nii(pet_series)
     assert_names(excinfo, pet_series, "temporal_file")

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 import nidask
-from nidask import phantom
-from nidask.bold import BOLD
+from nidask.cli.info import modality_facts
+from nidask.data.bold import BOLD
 from nidask.errors import InputError
-from nidask.evaluation import motion_errors
+from nidask.validation import phantom
+from nidask.validation.evaluation import motion_errors
 
 NIBABEL_DATA = Path(nb.__file__).parent / "tests" / "data"
 
@@ -52,19 +53,19 @@ def test_load_with_sidecar(tmp_path):
     # times follow the volumes through selections (leave-one-out folds keep them)
     train, _ = dataset.lofo(2)
     assert train.volume_meta()["time"].tolist() == [0.0, 2.0, 6.0, 8.0, 10.0]
-    assert dataset.facts()["bold"]["duration_s"] == 12.0
+    assert modality_facts(dataset)["bold"]["duration_s"] == 12.0
 
 
 def test_repetition_time_sources(tmp_path):
     path, sidecar = _write_series(tmp_path, tr=1.5)
     # an explicit value wins over the sidecar; without a sidecar the header's step is used
-    assert nidask.bold.from_nii(path, sidecar, repetition_time=0.8).repetition_time == 0.8
+    assert nidask.data.bold.from_nii(path, sidecar, repetition_time=0.8).repetition_time == 0.8
     image = nb.load(path)
     image.header.set_zooms((3.0, 3.0, 3.5, 720.0))
     image.header.set_xyzt_units("mm", "msec")
     header_path = tmp_path / "timed.nii"
     nb.Nifti1Image(np.asarray(image.dataobj), image.affine, image.header).to_filename(header_path)
-    assert nidask.bold.from_nii(header_path).repetition_time == pytest.approx(0.72)
+    assert nidask.data.bold.from_nii(header_path).repetition_time == pytest.approx(0.72)
 
 
 @pytest.mark.parametrize(
@@ -90,7 +91,7 @@ def test_no_repetition_time_anywhere(tmp_path):
     path = tmp_path / "bold.npy"
     np.save(path, data)
     with pytest.raises(InputError, match="no repetition time"):
-        nidask.bold.from_nii(path)
+        nidask.data.bold.from_nii(path)
 
 
 def test_nfdh5_round_trip_and_export(tmp_path):

@@ -305,7 +305,7 @@ def _bytes_under(directory) -> int:
 def test_finished_estimate_is_small_on_disk(tmp_path):
     """A finished run leaves at most twice the uncompressed input, little of it in the
     run directory, and no cache copy; ``--keep-work`` keeps every intermediate array."""
-    from nidask import phantom
+    from nidask.validation import phantom
 
     data = tmp_path / "data"
     data.mkdir()

@@ -8,8 +8,9 @@ import pytest
 
 import nidask
 from conftest import SHAPE3D, write_bvec_bval, write_nifti
-from nidask import DWI, dmri
-from nidask.dmri import read_gradients
+from nidask import DWI
+from nidask.data import dmri
+from nidask.data.dmri import read_gradients
 
 
 def _directions(n: int, seed: int = 0) -> np.ndarray:
@@ -54,13 +55,13 @@ def test_gradients_file_n4_and_4n(tmp_path, scheme, transpose):
     path, _ = _series(tmp_path, 11)
     table = np.column_stack([bvecs, bvals])
     np.savetxt(tmp_path / "grad.txt", table.T if transpose else table, fmt="%.8f")
-    dwi = nidask.dmri.from_nii(path, gradients_file=tmp_path / "grad.txt")
+    dwi = nidask.data.dmri.from_nii(path, gradients_file=tmp_path / "grad.txt")
     keep = bvals > 50
     np.testing.assert_allclose(dwi.gradients, table[keep], atol=1e-7)
     np.testing.assert_array_equal(dwi.original_index, np.flatnonzero(keep))
     # the gradients file takes precedence over bvec/bval
     wrong = write_bvec_bval(tmp_path / "wrong", _directions(11, 5), np.full(11, 3000.0))
-    both = nidask.dmri.from_nii(
+    both = nidask.data.dmri.from_nii(
         path, bvec_file=wrong[0], bval_file=wrong[1], gradients_file=tmp_path / "grad.txt"
     )
     np.testing.assert_array_equal(both.gradients, dwi.gradients)

@@ -22,8 +22,8 @@ from nidask.estimation.estimator import (
     read_volume,
     sample_count,
 )
-from nidask.evaluation import motion_errors
-from nidask.phantom import make_dwi, make_hcp_like, make_pet
+from nidask.validation.evaluation import motion_errors
+from nidask.validation.phantom import make_dwi, make_hcp_like, make_pet
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,20 @@
-"""Recovered-vs-true motion errors (nidask.evaluation, also nidask.phantom.motion_errors)."""
+"""Recovered-vs-true motion errors (nidask.validation.evaluation and phantom.motion_errors)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from nidask import phantom
 from nidask.errors import InputError
 from nidask.estimation.registration import RigidRegistration
-from nidask.evaluation import (
+from nidask.geometry import fov_center, rigid_matrix, rigid_params
+from nidask.validation import phantom
+from nidask.validation.evaluation import (
     bound_errors,
     motion_errors,
     registration_bound,
     rotation_angle,
 )
-from nidask.geometry import fov_center, rigid_matrix, rigid_params
 
 SHAPE = (20, 22, 16)
 AFFINE = phantom.phantom_affine(SHAPE)

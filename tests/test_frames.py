@@ -14,7 +14,7 @@ from nidask.estimation.frames import (
     tie_frames,
 )
 from nidask.geometry import fov_center, rigid_matrix, rigid_params
-from nidask.phantom import phantom_affine, realistic_motion
+from nidask.validation.phantom import phantom_affine, realistic_motion
 
 SHAPE = (40, 40, 30)
 AFFINE = phantom_affine(SHAPE)

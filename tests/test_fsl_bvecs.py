@@ -21,8 +21,8 @@ from scipy.spatial.transform import Rotation
 
 import nidask
 from conftest import SHAPE3D, write_nifti
-from nidask import phantom
 from nidask.geometry import fsl_to_ras, ras_to_fsl
+from nidask.validation import phantom
 
 
 def _affine(zooms, angles_deg, las: bool) -> np.ndarray:

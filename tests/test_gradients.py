@@ -16,7 +16,7 @@ import pytest
 
 import nidask
 from conftest import write_nifti
-from nidask import dmri
+from nidask.data import dmri
 from nidask.errors import InputError
 
 SHAPE3D = (6, 7, 5)

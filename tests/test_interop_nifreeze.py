@@ -18,7 +18,7 @@ import pytest
 
 import nidask
 from nidask.geometry import fsl_to_ras, ras_to_fsl
-from nidask.phantom import make_dwi, make_pet
+from nidask.validation.phantom import make_dwi, make_pet
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "peer_nifreeze.py"

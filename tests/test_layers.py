@@ -13,25 +13,20 @@ import nidask
 
 PACKAGE = Path(nidask.__file__).parent
 
-#: Lowest first: a module may import modules of its own layer or below.
+#: Lowest first: a module may import modules of its own layer or below.  Each entry
+#: names a top-level package (or one of the few modules kept at the root).
 LAYERS = [
     {"config", "errors", "progress", "geometry", "cluster"},
     {"io"},
     {"ops"},
-    {"dataset", "dmri", "pet", "bold", "export", "loading"},
+    {"data"},
     {"estimation"},
-    {
-        "evaluation",
-        "reports",
-        "plots",
-        "phantom",
-        "bids",
-        "participants",
-        "cli",
-        "__main__",
-        "__init__",
-    },
+    {"validation", "reporting", "bids"},
+    {"cli", "__main__", "__init__"},
 ]
+#: Modules at the package root (beside ``__init__`` and ``__main__``); the rest live in
+#: the package of their layer.
+ROOT_MODULES = {"config", "errors", "progress", "geometry", "cluster"}
 
 
 def module_name(path: Path) -> str:
@@ -113,8 +108,8 @@ def test_no_import_cycle():
 def test_graph_walker_sees_function_level_imports_and_cycles():
     # the checks above would pass vacuously if the walker missed imports
     edges = graph()
-    assert "nidask.ops.resample" in edges["nidask.dataset"]  # imported inside a method
-    assert "nidask.dataset" in edges["nidask.dmri"]
+    assert "nidask.ops.resample" in edges["nidask.data.base"]  # imported inside a method
+    assert "nidask.data.base" in edges["nidask.data.dmri.dataset"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
@@ -129,3 +124,24 @@ def test_modalities_are_named_only_in_their_own_module():
         if (match := pattern.search(line)) and path.name != own[match.group(1)]
     ]
     assert not foreign, "\n".join(foreign)
+
+
+def test_the_root_holds_only_the_base_modules():
+    root = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
+    assert root == ROOT_MODULES
+    assert len(ROOT_MODULES) <= 6
+
+
+def test_every_package_is_in_a_layer():
+    packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert packages == set().union(*LAYERS) - ROOT_MODULES - {"__main__", "__init__"}
+
+
+def test_short_import_paths_are_the_modules_themselves():
+    import importlib
+
+    for short, where in nidask.SHORT_NAMES.items():
+        assert importlib.import_module(short) is importlib.import_module(where)
+    from nidask.dmri import DWI
+
+    assert DWI is nidask.DWI and nidask.dmri.from_nii is nidask.data.dmri.from_nii

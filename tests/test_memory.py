@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import nidask
-from nidask.phantom import write_series
+from nidask.validation.phantom import write_series
 
 SHAPE = (128, 128, 64, 500)  # 1.05 GB of int16
 #: where the nidask under test was imported from (src/ or site-packages)

@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 import nidask
-from nidask import phantom
+from nidask.validation import phantom
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(nidask.__file__)))
 SHAPE = (72, 72, 48)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import nidask
-from nidask.phantom import write_series
+from nidask.validation.phantom import write_series
 
 SHAPE = (128, 128, 64, 288)  # 2 MiB per volume, 604 MB of int16
 VOLUME_BYTES = math.prod(SHAPE[:3]) * 2

@@ -25,9 +25,10 @@ from scipy.spatial.transform import Rotation
 
 import nidask
 from conftest import N_B0, N_DIRECTIONS, N_FRAMES, SHAPE3D
-from nidask import DWI, PET, BaseDataset, phantom
+from nidask import DWI, PET, BaseDataset
 from nidask.geometry import fsl_to_ras
 from nidask.ops.resample import resample_volume
+from nidask.validation import phantom
 
 KINDS = ("base", "dwi", "pet")
 N_FILE = N_B0 + N_DIRECTIONS

@@ -16,7 +16,7 @@ import pytest
 import nidask
 from conftest import SHAPE3D, write_nifti
 from nidask.io import nifti, store
-from nidask.phantom import phantom_affine
+from nidask.validation.phantom import phantom_affine
 
 N = 7
 TR = 2.5

@@ -19,7 +19,7 @@ import nidask
 from conftest import SHAPE3D, checksum_tree
 from nidask import BaseDataset
 from nidask.io.cache import TEMP_MARK
-from nidask.phantom import write_series
+from nidask.validation.phantom import write_series
 
 #: where the nidask under test was imported from (src/ or site-packages)
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(nidask.__file__)))

@@ -10,7 +10,7 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
-from nidask import phantom
+from nidask.validation import phantom
 from test_cli import nidask_cli
 
 NIBABEL_DATA = Path(nb.__file__).parent / "tests" / "data"

@@ -25,7 +25,7 @@ def test_timing_from_starts_and_durations(tmp_path, series):
     sidecar = write_sidecar(
         tmp_path / "pet.json", FrameTimesStart=[0, 10, 30, 60], FrameDuration=[10, 20, 30, 40]
     )
-    pet = nidask.pet.from_nii(path, temporal_file=sidecar)
+    pet = nidask.data.pet.from_nii(path, temporal_file=sidecar)
     assert isinstance(pet, PET)
     np.testing.assert_allclose(pet.midframe, [5, 20, 45, 80])
     assert pet.total_duration == pytest.approx(100.0)

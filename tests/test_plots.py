@@ -1,4 +1,4 @@
-"""Figures: motion over volumes and before/after mosaics (nidask.plots)."""
+"""Figures: motion over volumes and before/after mosaics (nidask.reporting.plots)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import nidask
-from nidask import plots
 from nidask.geometry import fov_center, framewise_displacement, rigid_matrix
 from nidask.io import sources
+from nidask.reporting import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

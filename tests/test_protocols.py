@@ -1,7 +1,7 @@
 """Known motion recovered on real anatomy, for every class of diffusion protocol.
 
 The anatomy is heudiconv's whole-brain Siemens DWI (converted by dcm2niix) as
-:func:`nidask.phantom.real_anatomy` models it, on a 3 mm grid to keep the suite
+:func:`nidask.validation.phantom.real_anatomy` models it, on a 3 mm grid to keep the suite
 quick (the benchmark, ``benchmarks/protocol_suite.py``, runs at 2 mm).  Bounds are
 generous: the benchmark states the figures.
 """
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 import nidask
-from nidask import phantom
-from nidask.evaluation import motion_errors
 from nidask.geometry import fov_center
+from nidask.validation import phantom
+from nidask.validation.evaluation import motion_errors
 from test_real_data import package_file
 
 #: name -> (b=0 volumes, DW volumes, shells, one b=0 every)

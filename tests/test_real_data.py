@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 
 import nidask
-from nidask import dmri, phantom
+from nidask.data import dmri
 from nidask.errors import InputError
+from nidask.validation import phantom
 
 
 def package_file(package: str, *parts: str) -> str:

@@ -28,7 +28,7 @@ from conftest import (
     write_bvec_bval,
     write_nifti,
 )
-from nidask.dataset import take_volumes
+from nidask.data.base import take_volumes
 from nidask.io.nifti import header_bytes, make_header
 from nidask.io.sources import (
     GzipNiftiSource,
@@ -39,7 +39,7 @@ from nidask.io.sources import (
     open_source,
     source_of,
 )
-from nidask.phantom import phantom_affine
+from nidask.validation.phantom import phantom_affine
 
 N = 10
 

@@ -1,6 +1,6 @@
 """SIGKILL of a process while it writes: no output, inputs intact, leftovers reclaimable.
 
-A child process streams a ~200 MB series (``nidask.phantom.write_series``) into a
+A child process streams a ~200 MB series (``nidask.validation.phantom.write_series``) into a
 sink and is killed with SIGKILL as soon as its temporary output appears.  Nothing
 may exist at the final path, the input must be byte-identical, and what the dead
 process left — its ``.nidask-tmp-<pid>-...`` output and its ``nidask-cache-<pid>-...``
@@ -23,7 +23,6 @@ from guards import child_env
 
 import nidask
 from conftest import checksum_tree
-from nidask import phantom
 from nidask.io.cache import (
     CACHE_PREFIX,
     TEMP_MARK,
@@ -32,6 +31,7 @@ from nidask.io.cache import (
     reclaim,
     remove_stale_temporaries,
 )
+from nidask.validation import phantom
 
 #: 96 x 96 x 64 x 176 int16: 208 MB.
 BIG_SHAPE = (96, 96, 64, 176)

@@ -117,9 +117,9 @@ def open_dataset(path: str, args):
     given = sorted(f"--{o}" for o in COMPANIONS if getattr(args, o, None) is not None)
     if (args.bvec is None) != (args.bval is None):
         raise UsageError("--bvec and --bval go together")
-    from nidask.dataset import MODALITIES
+    from nidask.data.loading import modalities_for
 
-    kinds = [cls.__name__ for cls in MODALITIES.values() if set(cls.load_keys) & kwargs.keys()]
+    kinds = [cls.__name__ for cls in modalities_for(kwargs)]
     if len(kinds) > 1:
         raise UsageError(f"options for a {' and a '.join(kinds)} cannot be combined")
     if args.b0 is not None and not {"bvec_file", "gradients_file"} & kwargs.keys():
@@ -223,8 +223,8 @@ def atomic_directory(final: str):
 
 # -- outputs shared by estimate and demo --------------------------------------------------
 def write_outputs(raw, estimated, directory, **options) -> list[str]:
-    """:func:`nidask.reports.write_outputs`, notes on stderr."""
-    from nidask.reports import write_outputs as write
+    """:func:`nidask.reporting.tables.write_outputs`, notes on stderr."""
+    from nidask.reporting.tables import write_outputs as write
 
     return write(
         raw, estimated, directory, warn=lambda m: say(f"note: {m}", file=sys.stderr), **options
@@ -242,7 +242,7 @@ FLAG_MEANINGS = {
 
 def _warn_flags(report) -> None:
     """One warning line per flag raised (see motion.tsv)."""
-    from nidask.reports import flagged
+    from nidask.reporting.tables import flagged
 
     for flag, volumes in flagged(report).items():
         shown = ", ".join(str(v) for v in volumes[:8]) + (", ..." if len(volumes) > 8 else "")

@@ -81,8 +81,8 @@ def _graph_facts(dataset) -> list[str]:
 
 def _demo_series(kind: str, out: str, size: dict, passes: int, client) -> dict:
     import nidask
-    from nidask import phantom
-    from nidask.evaluation import motion_errors
+    from nidask.validation import phantom
+    from nidask.validation.evaluation import motion_errors
 
     directory = os.path.join(out, kind)
     start = time.perf_counter()
@@ -110,14 +110,16 @@ def _demo_series(kind: str, out: str, size: dict, passes: int, client) -> dict:
     say(f"phantom    {_show(image)}: {shape} voxels, {what}")
     say("           known motion: drift and jumps up to 3 mm and 3 deg per axis")
     dataset = nidask.load(image, **relocate)
+    from nidask.estimation.defaults import default_model
+
     with dataset:
         say(f"lazy       {dataset!r}")
         for line in _graph_facts(dataset):
             say(f"           {line}")
         estimator = nidask.Estimator(**({} if passes is None else {"passes": passes}))
-        models = dataset.default_model()
+        models = default_model(dataset)
         say(
-            f"estimate   model {' then '.join(models) if isinstance(models, list) else models}, "
+            f"estimate   model {' then '.join(models)}, "
             f"{'default' if estimator.passes is None else 'up to ' + str(estimator.passes)} "
             f"passes, {len(dataset.whole_series())} leave-one-out folds"
         )

@@ -31,8 +31,10 @@ from nidask.cli.common import (
     write_outputs,
 )
 from nidask.estimation.lofo import FOLD_ORDERS
+from nidask.estimation.models import MODELS as MODEL_NAMES
 
-MODELS = ("auto", "gp", "average", "median", "dti", "b0", "pet", "neighbours")
+#: ``--model`` choices: ``auto`` (the default for the series) or a model name.
+MODELS = ("auto", *MODEL_NAMES)
 
 
 def _reference(value: str):
@@ -63,7 +65,7 @@ def _estimator_from(args, model="auto"):
 
 def cmd_estimate_bids(args) -> int:
     """``nidask estimate BIDS_DIR OUT_DIR participant``: every selected series."""
-    from nidask.participants import run_participants, summary_table
+    from nidask.bids.participants import run_participants, summary_table
 
     given = sorted(f"--{o}" for o in COMPANIONS if getattr(args, o, None) is not None)
     if given or args.out:

@@ -15,6 +15,10 @@ import os
 import numpy as np
 
 from nidask.cli.common import add_companion_options, human_bytes, open_dataset, say
+from nidask.data.base import BaseDataset
+from nidask.data.bold import BOLD
+from nidask.data.dmri import DWI
+from nidask.data.pet import PET
 from nidask.io.sources import HDF5Source, is_hdf5, nifti_scaling
 
 
@@ -59,6 +63,61 @@ def _file_facts(path: str) -> dict:
     return facts
 
 
+def _bzero_kind(bzero) -> str | None:
+    if bzero is None:
+        return None
+    return "lazy (computed when needed)" if hasattr(bzero, "dask") else "stored"
+
+
+def _dwi_facts(dataset: DWI, volumes_in_file: int | None) -> dict:
+    in_file = volumes_in_file or int(dataset.original_index.max()) + 1
+    shells = [{"bvalue": round(b, 1), "volumes": len(m)} for b, m in dataset.get_shells()]
+    return {
+        "dwi": {
+            "b0_volumes": int(in_file - len(dataset)),
+            "bzero": _bzero_kind(dataset.bzero),
+            "shells": shells,
+        }
+    }
+
+
+def _pet_facts(dataset: PET, volumes_in_file: int | None) -> dict:
+    return {
+        "pet": {
+            "frames": len(dataset),
+            "total_duration_s": float(dataset.total_duration),
+            "first_midframe_s": float(dataset.midframe[0]),
+            "last_midframe_s": float(dataset.midframe[-1]),
+        }
+    }
+
+
+def _bold_facts(dataset: BOLD, volumes_in_file: int | None) -> dict:
+    return {
+        "bold": {
+            "volumes": len(dataset),
+            "repetition_time_s": dataset.repetition_time,
+            "duration_s": float(len(dataset) * dataset.repetition_time),
+            "slice_timing": dataset.slice_timing is not None,
+        }
+    }
+
+
+#: Dataset class -> its modality's facts (JSON-friendly; reads no data).
+MODALITY_FACTS = {
+    BaseDataset: lambda dataset, volumes_in_file: {},
+    DWI: _dwi_facts,
+    PET: _pet_facts,
+    BOLD: _bold_facts,
+}
+
+
+def modality_facts(dataset, volumes_in_file: int | None = None) -> dict:
+    """The facts ``nidask info`` reports for the dataset's modality."""
+    facts = next(MODALITY_FACTS[c] for c in type(dataset).__mro__ if c in MODALITY_FACTS)
+    return facts(dataset, volumes_in_file)
+
+
 def describe(dataset, path: str) -> dict:
     """What ``nidask info`` reports, as a JSON-friendly dict (no data are read)."""
     path = os.path.abspath(path)
@@ -83,7 +142,7 @@ def describe(dataset, path: str) -> dict:
         "mask_voxels": None if dataset.brainmask is None else int(dataset.brainmask.sum()),
         "motion": dataset.motion_affines is not None,
     }
-    facts.update(dataset.facts(facts.get("volumes_in_file")))
+    facts.update(modality_facts(dataset, facts.get("volumes_in_file")))
     return facts
 
 

@@ -48,6 +48,7 @@ from scipy import ndimage
 from nidask.config import chunk_bytes, volumes_per_chunk
 from nidask.errors import InputError
 from nidask.estimation.anchor import TEMPLATE_ROUNDS, anchor_estimates, remove_earlier_templates
+from nidask.estimation.defaults import check_estimable, default_model
 from nidask.estimation.frames import (
     METHODS,
     interleaved,
@@ -331,7 +332,7 @@ class Estimator:
     Parameters
     ----------
     model : str, Model or callable
-        ``"auto"`` (the dataset's :meth:`~nidask.BaseDataset.default_model`),
+        ``"auto"`` (:func:`nidask.estimation.defaults.default_model`),
         ``"gp"`` (Gaussian process, DWI), ``"average"`` (per-shell mean),
         ``"median"``, ``"b0"``, ``"dti"``, ``"pet"`` (temporal interpolation), a
         :class:`nidask.estimation.models.Model` or a function ``f(train_data, train_meta,
@@ -414,8 +415,7 @@ class Estimator:
         resolved = []
         for spec in specs:
             if isinstance(spec, str) and spec == "auto":
-                default = dataset.default_model()
-                resolved += default if isinstance(default, list | tuple) else [default]
+                resolved += default_model(dataset)
             else:
                 resolved.append(spec)
         return [get_model(spec) for spec in resolved]
@@ -485,7 +485,7 @@ class Estimator:
         """
         whole = dataset.whole_series()
         models = self._models(whole)
-        dataset.check_estimable(models)
+        check_estimable(dataset, models)
         registrations = self._registrations()
         self._check_options(whole)
         meta = whole.volume_meta()

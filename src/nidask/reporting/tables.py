@@ -70,7 +70,7 @@ def flagged(report: dict | None) -> dict[str, list[int]]:
 
 def largest_motion(dataset, count: int = 4) -> list[int]:
     """Positions (in the dataset) of the ``count`` volumes that moved most."""
-    from nidask.evaluation import rotation_angle
+    from nidask.validation.evaluation import rotation_angle
 
     centre = np.append(fov_center(dataset.affine, dataset.shape3d), 1.0)
     size = [
@@ -107,7 +107,7 @@ def write_outputs(
     diffusion-weighted volumes).  ``warn(message)`` receives notes (missing
     plotting library).  Returns the names written (relative to ``directory``).
     """
-    from nidask.export import write_transforms
+    from nidask.data.export import write_transforms
 
     written = []
     corrected = os.path.join(directory, "corrected.nii.gz")
@@ -123,7 +123,7 @@ def write_outputs(
     written.append("motion.tsv")
     if not plots:
         return written
-    from nidask.plots import MissingDependencyError, plot_mosaic, plot_motion
+    from nidask.reporting.plots import MissingDependencyError, plot_mosaic, plot_motion
 
     try:
         plot_motion(

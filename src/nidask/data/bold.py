@@ -13,10 +13,11 @@ from __future__ import annotations
 import attrs
 import numpy as np
 
-from nidask.dataset import BaseDataset, open_series
+from nidask.data.base import BaseDataset
 from nidask.errors import InputError
 from nidask.io.cache import Cache
 from nidask.io.files import read_json_object
+from nidask.io.series import open_series
 
 
 def _optional_array(value):
@@ -41,7 +42,6 @@ class BOLD(BaseDataset):
         default=None, kw_only=True, converter=_optional_array
     )
 
-    load_keys = ("json_file", "repetition_time")
     nfdh5_type = "bold"
 
     def __attrs_post_init__(self) -> None:
@@ -66,34 +66,8 @@ class BOLD(BaseDataset):
         """Start of each volume (seconds from the file's first volume)."""
         return self.original_index * self.repetition_time
 
-    @classmethod
-    def from_files(cls, path, **companions) -> BOLD:
-        return from_nii(path, **companions)
-
     def volume_meta(self) -> dict:
         return {"time": self.acquisition_times}
-
-    def default_model(self) -> str:
-        """The series average.
-
-        On real anatomy moved by a real trajectory the average predicts better than
-        the temporal neighbours (fewer volumes, more noise; see
-        docs/benchmarks.md); ``"neighbours"`` remains the choice for series whose
-        signal drifts.  Neighbours predict in their own mean position: from
-        uncorrected data that would cancel slow drift, so give them after a first
-        average pass (``model=["average", "neighbours"]``).
-        """
-        return "average"
-
-    def facts(self, volumes_in_file: int | None = None) -> dict:
-        return {
-            "bold": {
-                "volumes": len(self),
-                "repetition_time_s": self.repetition_time,
-                "duration_s": float(len(self) * self.repetition_time),
-                "slice_timing": self.slice_timing is not None,
-            }
-        }
 
     def _describe(self) -> list[str]:
         parts = [f"TR={self.repetition_time:g}s"]

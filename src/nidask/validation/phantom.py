@@ -20,9 +20,9 @@ import numpy as np
 from scipy import ndimage
 
 from nidask.errors import InputError
-from nidask.evaluation import motion_errors  # noqa: F401  (nidask.phantom.motion_errors)
 from nidask.geometry import fov_center, ras_to_fsl, rigid_matrix
 from nidask.ops.resample import block_mean, resample_volume
+from nidask.validation.evaluation import motion_errors  # noqa: F401  (nidask.validation.phantom.motion_errors)
 
 
 @attrs.define

@@ -11,10 +11,11 @@ from __future__ import annotations
 import attrs
 import numpy as np
 
-from nidask.dataset import BaseDataset, open_series
+from nidask.data.base import BaseDataset
 from nidask.errors import InputError
 from nidask.io.cache import Cache
 from nidask.io.files import read_json_object
+from nidask.io.series import open_series
 
 
 def temporal_markers(
@@ -80,7 +81,6 @@ class PET(BaseDataset):
     total_duration: float = attrs.field(default=None, kw_only=True)
 
     volume_fields = (*BaseDataset.volume_fields, "midframe")
-    load_keys = ("temporal_file",)
     nfdh5_type = "pet"
     nfdh5_format = "EMC/PET"
 
@@ -105,30 +105,11 @@ class PET(BaseDataset):
                 f"{self.midframe.max()}"
             )
 
-    def default_model(self) -> str:
-        # the temporal model predicts the phantoms' frames worse than their average
-        # (benchmarks/run.py --suites estimate): keep it an explicit choice
-        return "average"
-
     def volume_meta(self) -> dict:
         return {"midframe": self.midframe}
 
     def _extras(self, positions, single):
         return (self.midframe[positions[0]] if single else self.midframe[positions],)
-
-    @classmethod
-    def from_files(cls, path, **companions) -> PET:
-        return from_nii(path, **companions)
-
-    def facts(self, volumes_in_file: int | None = None) -> dict:
-        return {
-            "pet": {
-                "frames": len(self),
-                "total_duration_s": float(self.total_duration),
-                "first_midframe_s": float(self.midframe[0]),
-                "last_midframe_s": float(self.midframe[-1]),
-            }
-        }
 
     def _describe(self) -> list[str]:
         return [f"frames={len(self)}", f"total_duration={self.total_duration:g}s"]

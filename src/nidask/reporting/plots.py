@@ -168,7 +168,7 @@ def _slices(dataset, positions: np.ndarray, z: int) -> np.ndarray:
         # only the shown volumes are resampled (and read)
         selected = dataset.select(positions).resampled(order=1)
         return np.asarray(selected.dataobj[:, :, z, :].compute(), dtype=np.float32)
-    from nidask.dataset import take_volumes
+    from nidask.data.base import take_volumes
 
     out = np.empty((*dataset.shape3d[:2], len(positions)), dtype=np.float32)
     bounds = np.cumsum((0, *dataset.dataobj.chunks[3]))

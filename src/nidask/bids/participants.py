@@ -21,13 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nidask import bids
+from nidask.bids import layout
+from nidask.data.export import write_transforms
+from nidask.data.loading import load
 from nidask.errors import NidaskError
-from nidask.export import write_transforms
 from nidask.geometry import motion_parameters
 from nidask.io.cache import atomic_output
-from nidask.loading import load
-from nidask.reports import motion_tsv, write_text
+from nidask.reporting.tables import motion_tsv, write_text
 
 #: Work directories of the series being estimated (hidden from BIDS validators).
 WORK_FOLDER = ".nidask-work"
@@ -65,10 +65,10 @@ def estimate_series(
 
     ``paths`` are the series' :func:`nidask.bids.derivative_paths` (found if not given).
     """
-    paths = paths or bids.derivative_paths(source, out_dir)
+    paths = paths or layout.derivative_paths(source, out_dir)
     work = os.path.join(out_dir, WORK_FOLDER, os.path.basename(paths["series"]))
     os.makedirs(paths["dir"], exist_ok=True)
-    with load(source, **bids.find_sidecars(source)) as dataset:
+    with load(source, **layout.find_sidecars(source)) as dataset:
         estimator = make_estimator()
         estimated = estimator.run(dataset, client=client, workdir=work)
         estimated.to_nifti(paths["series"])
@@ -77,7 +77,7 @@ def estimate_series(
             write_transforms(temp, whole.motion_affines, whole.shape3d, whole.affine)
         write_text(paths["motion"], motion_tsv(estimated, estimator.report))
         sidecar = {
-            **bids.sidecar_metadata(source),
+            **layout.sidecar_metadata(source),
             "Sources": [paths["source_uri"]],
             "HeadMotionCorrection": {
                 "Software": "nidask",
@@ -129,12 +129,12 @@ def run_participants(
         One per series, in the order estimated.
     """
     bids_dir, out_dir = os.path.abspath(bids_dir), os.path.abspath(out_dir)
-    series = bids.find_series(bids_dir, participant_labels, modalities=tuple(modalities))
-    bids.write_dataset_description(out_dir, settings, source_dir=bids_dir)
+    series = layout.find_series(bids_dir, participant_labels, modalities=tuple(modalities))
+    layout.write_dataset_description(out_dir, settings, source_dir=bids_dir)
     results = []
     for number, source in enumerate(series, 1):
         name = os.path.relpath(source, bids_dir)
-        paths = bids.derivative_paths(source, out_dir)
+        paths = layout.derivative_paths(source, out_dir)
         if all(os.path.exists(p) for p in _outputs(paths)):
             results.append(SeriesResult(name, "skipped", message="outputs already present"))
             say(f"[{number}/{len(series)}] {name}: outputs present, skipped")

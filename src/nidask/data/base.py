@@ -2,7 +2,7 @@
 
 :class:`BaseDataset` holds a 4D series as a :class:`dask.array.Array` of shape
 (X, Y, Z, N) with whole-volume chunks, its affine, an optional brain mask and
-per-volume motion matrices.  Modalities (:mod:`nidask.dmri`, :mod:`nidask.pet`)
+per-volume motion matrices.  Modalities (:mod:`nidask.data.dmri`, :mod:`nidask.data.pet`)
 add per-volume metadata; anything listed in ``volume_fields`` follows the volumes
 through indexing, subsetting and leave-one-out views.
 
@@ -13,7 +13,6 @@ training sets stay deferred graphs until a sink (:meth:`BaseDataset.materialize`
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -28,7 +27,7 @@ from nidask.geometry import check_affine
 from nidask.io.cache import Cache, atomic_output
 from nidask.io.nfdh5 import read_nfdh5, write_nfdh5
 from nidask.io.npy import open_memmap
-from nidask.io.sources import NpySource, VolumeSelection, open_source, source_of, volume_runs
+from nidask.io.sources import NpySource, VolumeSelection, source_of, volume_runs
 from nidask.io.store import write_npy
 
 
@@ -183,8 +182,6 @@ class BaseDataset:
     nfdh5_file_type: ClassVar[str | None] = None
     #: Fields stored under a leading underscore (nifreeze skips them).
     private_fields: ClassVar[tuple[str, ...]] = ("original_index",)
-    #: Companion-file keywords of :func:`nidask.load` that mark this modality.
-    load_keys: ClassVar[tuple[str, ...]] = ()
     #: Files written beside an exported NIfTI (see :meth:`export_plan`).
     export_sidecars: ClassVar[tuple[str, ...]] = ()
 
@@ -332,7 +329,7 @@ class BaseDataset:
         """Fields that change when the volumes are resampled (modalities add theirs)."""
         return {}
 
-    # -- hooks for estimators and exports ------------------------------------------------
+    # -- what models receive ------------------------------------------------
     def volume_meta(self) -> dict:
         """Per-volume metadata that models receive (e.g. ``gradients``, ``midframe``)."""
         return {}
@@ -340,13 +337,6 @@ class BaseDataset:
     def voxel_meta(self) -> dict:
         """Images (X, Y, Z) that models receive per voxel (e.g. a DWI's ``bzero``)."""
         return {}
-
-    def default_model(self) -> str:
-        """The estimator's model for this kind of series (see :mod:`nidask.estimation.models`)."""
-        return "average"
-
-    def check_estimable(self, models) -> None:
-        """Refuse (:class:`~nidask.errors.InputError`) a series these models cannot estimate."""
 
     def whole_series(self) -> BaseDataset:
         """Every volume of the file this dataset knows, in file order.
@@ -359,15 +349,6 @@ class BaseDataset:
     def with_whole_motion(self, matrices) -> BaseDataset:
         """This dataset with motion matrices given for every volume of :meth:`whole_series`."""
         return attrs.evolve(self, motion_affines=np.asarray(matrices, dtype=float))
-
-    @classmethod
-    def from_files(cls, path, **companions) -> BaseDataset:
-        """Open a series with its companion files (keywords of :attr:`load_keys`)."""
-        raise NotImplementedError(f"{cls.__name__} does not open files")
-
-    def facts(self, volumes_in_file: int | None = None) -> dict:
-        """Modality facts for ``nidask info`` (JSON-friendly; reads no data)."""
-        return {}
 
     # -- storage and export hooks ---------------------------------------------------------
     def stored_fields(self) -> dict:
@@ -501,7 +482,7 @@ class BaseDataset:
         dtype : dtype, optional
             On-disk dtype (default: float32 when resampled, else the data dtype).
         """
-        from nidask.export import export_nifti
+        from nidask.data.export import export_nifti
 
         export_nifti(
             self,
@@ -590,43 +571,6 @@ def open_nfdh5(filename, *, cache: Cache | None = None) -> BaseDataset:
         raise
     except (TypeError, ValueError) as exc:  # a field of the wrong kind in a hostile file
         raise InputError(f"malformed {cls.__name__} fields ({exc})", stored.path) from exc
-
-
-def load_mask(path, shape3d: tuple[int, ...], what: str = "brain mask") -> np.ndarray:
-    """Read a 3D mask file (NIfTI, .npy) as bool; its shape must be ``shape3d``."""
-    # the cache (where a .nii.gz mask is decompressed) must outlive the read
-    with contextlib.closing(Cache()) as cache:
-        source = open_source(path, cache=cache)
-        if source.shape[:3] != tuple(shape3d) or source.shape[3] != 1:
-            raise InputError(
-                f"{what} shape {source.shape[:3]} differs from the series {shape3d}", path
-            )
-        return source[:, :, :, 0:1][..., 0] != 0
-
-
-def open_series(filename, brainmask_file=None, companions=(), *, cache: Cache | None = None):
-    """Open a 4D file lazily: ``(source, fields)`` for a :class:`BaseDataset` (sub)class.
-
-    ``fields`` holds ``dataobj``, ``affine``, ``brainmask`` (read from
-    ``brainmask_file``), ``datahdr``, ``cache`` and ``inputs``: the file, the
-    ``companions`` it was read with and the mask, which outputs must never replace.
-    """
-    cache = cache or Cache()
-    source = open_source(filename, cache=cache)
-    inputs = [source.path, *(os.path.abspath(f) for f in companions if f is not None)]
-    mask = None
-    if brainmask_file is not None:
-        mask = load_mask(brainmask_file, source.shape[:3])
-        inputs.append(os.path.abspath(brainmask_file))
-    fields = {
-        "dataobj": source.to_dask(),
-        "affine": getattr(source, "affine", np.eye(4)),
-        "brainmask": mask,
-        "datahdr": getattr(source, "header", None),
-        "cache": cache,
-        "inputs": tuple(inputs),
-    }
-    return source, fields
 
 
 def _array_or_none(value):

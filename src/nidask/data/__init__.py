@@ -1,0 +1,1 @@
+"""The data model: the base dataset, each modality, loading and NIfTI export."""

@@ -1,0 +1,1 @@
+"""Outputs people read: motion tables, figures and the QC page."""

@@ -1,0 +1,1 @@
+"""Checking estimates: phantoms with known motion and errors against it."""
