@@ -69,7 +69,9 @@ SMOOTH = "2x1x0vox"
 WINSORIZE = "[0.005,0.995]"
 
 
-def ants_args(fixed: Path, moving: Path, prefix: Path, seed: int, mask: Path | None) -> list:
+def ants_args(
+    fixed: Path, moving: Path, prefix: Path, seed: int, mask: Path | None, transform=TRANSFORM
+) -> list:
     """Arguments of antsRegistration (without the program name)."""
     args = [
         "--dimensionality", "3",
@@ -82,7 +84,7 @@ def ants_args(fixed: Path, moving: Path, prefix: Path, seed: int, mask: Path | N
         "--random-seed", str(seed),
         # identity, rotating about the centre of the fixed image's field of view
         "--initial-moving-transform", f"[{fixed},{moving},0]",
-        "--transform", TRANSFORM,
+        "--transform", transform,
         "--metric", METRIC.format(fixed=fixed, moving=moving),
         "--convergence", CONVERGENCE,
         "--shrink-factors", SHRINK,
@@ -131,10 +133,12 @@ def _write(vol: np.ndarray, affine: np.ndarray, path: Path) -> Path:
     return path
 
 
-def _register(fixed: Path, moving: Path, prefix: Path, seed: int, mask: Path | None):
+def _register(
+    fixed: Path, moving: Path, prefix: Path, seed: int, mask: Path | None, transform=TRANSFORM
+):
     import ants
 
-    args = ants_args(fixed, moving, prefix, seed, mask)
+    args = ants_args(fixed, moving, prefix, seed, mask, transform)
     code = ants.lib.antsRegistration(args)
     if code != 0:
         raise RuntimeError(f"antsRegistration exit {code}: {' '.join(args)}")
@@ -197,7 +201,9 @@ def estimate(args: argparse.Namespace, tmp: Path) -> dict:
     matrices = np.empty((n, 4, 4))
     for i in range(n):
         moving = _write(volume(i), affine, tmp / "moving.nii")
-        matrices[i] = _register(template_path, moving, tmp / "vol_", args.seed, mask)
+        matrices[i] = _register(
+            template_path, moving, tmp / "vol_", args.seed, mask, args.transform
+        )
     t2 = time.perf_counter()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -225,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npy of (N, 4, 4) matrices")
     p.add_argument("--threads", type=int, default=1, help="ITK threads (default 1)")
     p.add_argument("--seed", type=int, default=1234, help="ANTs random seed (non-zero)")
+    p.add_argument(
+        "--transform",
+        default=TRANSFORM,
+        help=f"ANTs transform of every volume to the template (default {TRANSFORM}; "
+        "Affine[0.1]: the eddy_correct approach to eddy currents)",
+    )
     p.add_argument(
         "--template",
         choices=("b0", "first", "mean"),
@@ -255,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="peer_ants_") as tmp:
         info = estimate(args, Path(tmp))
     cpu = time.process_time() - cpu0
-    settings = ants_args(Path("FIXED"), Path("MOVING"), Path("PREFIX"), args.seed, None)
+    settings = ants_args(
+        Path("FIXED"), Path("MOVING"), Path("PREFIX"), args.seed, None, args.transform
+    )
     record = {
         "task": "ants_to_b0",
         **info,

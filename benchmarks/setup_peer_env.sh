@@ -12,6 +12,9 @@
 #                      ANTs command-line main (nifreeze's Estimator calls it through
 #                      nipype; benchmarks/peer_ants.py imports antspyx). Unset: nothing
 #                      ANTs-related is checked or installed.
+#   NIDASK_PEER_NIDASK set to 1 to add this nidask checkout (editable, with its
+#                      dependencies) to the same venv, for nidask.interop.to_nifreeze
+#                      (benchmarks/peer_bridge.py).
 #
 # Idempotent: an existing venv is reused; pip runs only when the pinned set is not
 # importable at the pinned versions. The last line printed is the venv's python path.
@@ -139,6 +142,22 @@ sys.exit(int(_ants_lib().antsRegistration(sys.argv[1:]) or 0))"
     if ! "$SHIM" --version >/dev/null 2>&1; then
         echo "setup_peer_env: $SHIM --version failed" >&2
         exit 1
+    fi
+fi
+
+if [[ "${NIDASK_PEER_NIDASK:-}" == "1" ]]; then
+    ROOT=$(cd "$(dirname "$0")/.." && pwd)
+    if "$PY" -c "import nidask.interop, sys; sys.exit(not nidask.__file__.startswith('$ROOT/'))" \
+        2>/dev/null; then
+        echo "setup_peer_env: nidask already present" >&2
+    else
+        echo "setup_peer_env: installing nidask from $ROOT (editable)" >&2
+        "$PY" -m pip install --quiet --disable-pip-version-check -e "$ROOT" \
+            "numpy>=1.26,<2.4" "scipy<1.16" "nifreeze==0.1.0" >&2
+        if ! check_env || ! "$PY" -c "import nidask.interop" 2>/dev/null; then
+            echo "setup_peer_env: nidask and nifreeze 0.1.0 do not co-install" >&2
+            exit 1
+        fi
     fi
 fi
 

@@ -142,6 +142,7 @@ def test_same_folder_files_win(dataset):
     assert found == {
         "bval_file": os.fspath(root / "sub-02" / "dwi" / "sub-02_dwi.bval"),
         "bvec_file": os.fspath(root / "sub-02" / "dwi" / "sub-02_dwi.bvec"),
+        "phase_encoding": "j-",  # the top-level dwi.json's PhaseEncodingDirection
     }
     with nidask.load(path, **found) as dwi:
         np.testing.assert_allclose(dwi.bvecs, dataset["own"][2:], atol=1e-6)

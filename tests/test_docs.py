@@ -52,7 +52,7 @@ def test_docs_build_without_warnings(tmp_path):
         assert (html / f"{page}.html").is_file(), page
     api = (html / "api.html").read_text(encoding="utf-8")
     # the API reference really was generated from the docstrings
-    for name in ("nidask.load", "nidask.Estimator.run", "nidask.data.dmri.from_nii"):
+    for name in ("nidask.load", "nidask.Estimator.run", "nidask.data.dmri.readers.from_nii"):
         assert f'id="{name}"' in api, name
 
 

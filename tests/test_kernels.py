@@ -111,7 +111,7 @@ def test_ncc_terms_equal_their_numpy_twin():
 
 def test_compiled_and_scipy_registration_costs_agree():
     """The NCC cost and gradient the optimiser sees, compiled and with scipy alone."""
-    from nidask.estimation.registration import _NCCCost
+    from nidask.estimation.registration import NCCCost
 
     fixed = ndi.gaussian_filter(RNG.random((24, 22, 20)), 2.0).astype(np.float32)
     moving = np.roll(fixed, 1, axis=0) + RNG.normal(0, 0.002, fixed.shape).astype(np.float32)
@@ -129,7 +129,7 @@ def test_compiled_and_scipy_registration_costs_agree():
         with dask.config.set({"nidask.kernels": mode}):
             for factor, last in ((2, False), (1, True)):
                 level = registration._level(fixed, moving, affine, mask, centre, factor, 1.0, last)
-                cost = _NCCCost(level, np.linalg.inv(level.affine), centre, scale)
+                cost = NCCCost(level, np.linalg.inv(level.affine), centre, scale)
                 assert cost.compiled == (mode == "auto")
                 results[mode, factor] = cost(z)
     for factor in (2, 1):

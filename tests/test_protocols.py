@@ -8,10 +8,6 @@ generous: the benchmark states the figures.
 
 from __future__ import annotations
 
-import subprocess
-
-import dcm2niix
-import nibabel as nb
 import numpy as np
 import pytest
 
@@ -19,7 +15,7 @@ import nidask
 from nidask.geometry import fov_center
 from nidask.validation import phantom
 from nidask.validation.evaluation import motion_errors
-from test_real_data import package_file
+from test_real_data import heudiconv_anatomy
 
 #: name -> (b=0 volumes, DW volumes, shells, one b=0 every)
 PROTOCOLS = {
@@ -33,17 +29,7 @@ PROTOCOLS = {
 
 @pytest.fixture(scope="module")
 def anatomy(tmp_path_factory):
-    out = tmp_path_factory.mktemp("scan")
-    dicoms = package_file("heudiconv", "tests", "data", "b0dwiForFmap")
-    subprocess.run(
-        [dcm2niix.bin, "-o", out, "-f", "dwi", dicoms],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    image = nb.load(out / "dwi.nii")
-    data = np.asarray(image.dataobj, dtype=np.float64)
-    return phantom.real_anatomy(data[..., :2].mean(-1), data[..., 2], 1500.0, image.affine, 3.0)
+    return heudiconv_anatomy(tmp_path_factory.mktemp("scan"))
 
 
 def test_real_anatomy_keeps_the_scan_and_its_tissues(anatomy):

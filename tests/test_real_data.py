@@ -109,6 +109,28 @@ def converted(tmp_path_factory):
     return paths
 
 
+def heudiconv_anatomy(directory, voxel_mm: float = 3.0):
+    """Real anatomy (:func:`nidask.validation.phantom.real_anatomy`) from heudiconv's
+    Siemens DWI: its two b=0 volumes and the b=1500 volume, on a ``voxel_mm`` grid."""
+    import dcm2niix
+    import nibabel as nb
+
+    from nidask.validation import phantom
+
+    dicoms = package_file("heudiconv", "tests", "data", "b0dwiForFmap")
+    subprocess.run(
+        [dcm2niix.bin, "-o", directory, "-f", "scan", dicoms],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    image = nb.load(os.path.join(directory, "scan.nii"))
+    data = np.asarray(image.dataobj, dtype=np.float64)
+    return phantom.real_anatomy(
+        data[..., :2].mean(-1), data[..., 2], 1500.0, image.affine, voxel_mm
+    )
+
+
 def _dicom_gradient_direction(index: int) -> np.ndarray:
     """Siemens' DiffusionGradientDirection (0019,100e) of DICOM ``index``: LPS axes."""
     import pydicom

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -38,9 +39,15 @@ from nidask.errors import InputError
 HEAD_RADIUS_MM = 50.0
 
 __all__ = [
+    "PHASE_ENCODINGS",
+    "EddyFrame",
     "check_affine",
     "check_matrix",
     "check_matrix_stack",
+    "check_phase_encoding",
+    "eddy_frame",
+    "eddy_matrix",
+    "eddy_stretch",
     "fov_center",
     "fsl_to_ras",
     "framewise_displacement",
@@ -50,6 +57,7 @@ __all__ = [
     "rigid_matrix",
     "rigid_params",
     "rotation_and_derivatives",
+    "split_eddy",
 ]
 
 _MAX_COND = 1e10
@@ -411,3 +419,132 @@ def motion_table(affines, affine, shape3d, radius: float = HEAD_RADIUS_MM) -> np
     params = np.array([motion_parameters(a, affine, shape3d) for a in affines])
     fd = framewise_displacement(affines, radius=radius, center=fov_center(affine, shape3d))
     return np.column_stack([params, fd])
+
+
+# --------------------------------------------------------------------------------------
+# Eddy-current geometry: FSL eddy's linear model (see nidask.estimation.eddy)
+#
+# A field that displaces each voxel along the phase-encoding direction ``e`` by
+# ``c0 + ci ui + cj uj + ck uk`` mm, ``u`` the position (mm) along the voxel axes from
+# the centre of the field of view (the PE axis counted along ``e``), is the affine map
+# ``E`` with linear part ``I + e (F a)^T``; a volume's whole matrix is ``E @ M``.
+
+
+#: Phase-encoding directions as BIDS writes them (``PhaseEncodingDirection``).
+PHASE_ENCODINGS = ("i", "i-", "j", "j-", "k", "k-")
+
+
+def check_phase_encoding(value, path: str | None = None) -> str | None:
+    """A phase-encoding direction as BIDS writes it (``"j"``, ``"j-"``, ...), or ``None``.
+
+    >>> check_phase_encoding("J-"), check_phase_encoding(None)
+    ('j-', None)
+    """
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text not in PHASE_ENCODINGS:
+        raise InputError(
+            f"unknown phase-encoding direction {value!r} "
+            f"(use one of {', '.join(PHASE_ENCODINGS)})",
+            path,
+        )
+    return text
+
+
+@dataclass(frozen=True)
+class EddyFrame:
+    """Where an eddy-current field lives: the centre and axes of the field of view.
+
+    ``axes`` (3, 3) holds, as columns, the RAS directions of the voxel axes ``i, j, k``
+    (the orthonormal part of the affine), the PE axis turned along the PE direction;
+    ``axis`` is the PE axis.
+    """
+
+    centre: np.ndarray
+    axes: np.ndarray
+    axis: int
+
+    @property
+    def direction(self) -> np.ndarray:
+        """The unit RAS vector along which voxels are displaced."""
+        return self.axes[:, self.axis]
+
+
+def eddy_frame(affine, shape3d, phase_encoding: str) -> EddyFrame:
+    """The :class:`EddyFrame` of a grid for a phase-encoding direction (``"j-"``, ...).
+
+    >>> frame = eddy_frame(np.diag([-2.0, 2.0, 2.0, 1.0]), (10, 10, 10), "j-")
+    >>> frame.direction.tolist(), int(frame.axis)
+    ([-0.0, -1.0, -0.0], 1)
+    """
+    pe = check_phase_encoding(phase_encoding)
+    if pe is None:
+        raise InputError("eddy-current estimation needs the phase-encoding direction")
+    linear = np.asarray(affine, dtype=np.float64)[:3, :3]
+    u, _, vt = np.linalg.svd(linear)
+    axes = u @ vt
+    axis = "ijk".index(pe[0])
+    if pe.endswith("-"):
+        axes = axes.copy()
+        axes[:, axis] = -axes[:, axis]
+    return EddyFrame(fov_center(affine, shape3d), axes, axis)
+
+
+def eddy_stretch(slopes, frame: EddyFrame) -> np.ndarray:
+    """The linear part ``I + e (F a)^T`` of the eddy-current map of ``slopes`` (3, 3)."""
+    return np.eye(3) + np.outer(frame.direction, frame.axes @ np.asarray(slopes, dtype=float))
+
+
+def eddy_matrix(coefficients, frame: EddyFrame) -> np.ndarray:
+    """The eddy-current part ``E`` (4, 4; scanner RAS -> distorted RAS) of four coefficients.
+
+    >>> frame = eddy_frame(np.eye(4), (11, 11, 11), "j")
+    >>> E = eddy_matrix([0.5, 0.0, 0.01, 0.0], frame)
+    >>> (E @ [5.0, 5.0, 5.0, 1.0]).tolist(), float(np.linalg.det(E))  # 1 + c_pe
+    ([5.0, 5.5, 5.0, 1.0], 1.01)
+    """
+    c = np.asarray(coefficients, dtype=float)
+    linear = eddy_stretch(c[1:], frame)
+    out = np.eye(4)
+    out[:3, :3] = linear
+    out[:3, 3] = frame.centre - linear @ frame.centre + frame.direction * c[0]
+    return out
+
+
+def split_eddy(matrix, frame: EddyFrame) -> tuple[np.ndarray, np.ndarray]:
+    """A whole matrix as ``(M, coefficients)`` with the shift ``c0 = 0``.
+
+    ``W = E @ M`` with ``E``'s linear part ``L = I + e b^T`` and ``M`` rigid is unique
+    up to the shift, which moves the image as a translation along PE does: it is left
+    in ``M``'s translation here (see :func:`nidask.estimation.eddy.separate_offsets`).  From
+    ``W W^T = L L^T``: ``b`` off ``e`` is ``(I - e e^T) S e`` and along it the small
+    root of ``beta^2 + 2 beta + |b_off|^2 = e^T S e``, with ``S = A A^T - I``.  A
+    matrix that is not of that form gets the nearest rotation.
+
+    >>> frame = eddy_frame(np.eye(4), (11, 11, 11), "j")
+    >>> M = rigid_matrix([1, 2, 3, 0.01, -0.02, 0.03], center=frame.centre)
+    >>> W = eddy_matrix([0.0, 0.01, -0.02, 0.015], frame) @ M
+    >>> motion, c = split_eddy(W, frame)
+    >>> bool(np.allclose(motion, M)), np.round(c, 12).tolist()
+    (True, [0.0, 0.01, -0.02, 0.015])
+    """
+    w = np.asarray(matrix, dtype=float)
+    a = w[:3, :3]
+    e = frame.direction
+    s = a @ a.T - np.eye(3)
+    across = s @ e - e * (e @ s @ e)
+    beta = -1.0 + math.sqrt(max(1.0 + float(e @ s @ e) - float(across @ across), 1e-12))
+    b = across + beta * e
+    inverse = np.eye(3) - np.outer(e, b) / (1.0 + beta)
+    rotation = inverse @ a
+    if not np.allclose(rotation.T @ rotation, np.eye(3), atol=1e-9):
+        u, _, vt = np.linalg.svd(rotation)
+        rotation = u @ np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt)) or 1.0]) @ vt
+    c = frame.centre
+    motion = np.eye(4)
+    motion[:3, :3] = rotation
+    # the centre moves by L t: t = inv(L) (W(c) - c)
+    t = inverse @ (a @ c + w[:3, 3] - c)
+    motion[:3, 3] = t + c - rotation @ c
+    return motion, np.concatenate([[0.0], frame.axes.T @ b])

@@ -2,6 +2,7 @@
 
 from nidask.bids.layout import (
     BIDS_VERSION,
+    BIDSIGNORE,
     DATATYPES,
     MODALITIES,
     build_name,
@@ -13,11 +14,13 @@ from nidask.bids.layout import (
     find_sidecars,
     parse_name,
     sidecar_metadata,
+    write_bidsignore,
     write_dataset_description,
 )
 
 __all__ = [
     "BIDS_VERSION",
+    "BIDSIGNORE",
     "DATATYPES",
     "MODALITIES",
     "build_name",
@@ -29,5 +32,6 @@ __all__ = [
     "find_sidecars",
     "parse_name",
     "sidecar_metadata",
+    "write_bidsignore",
     "write_dataset_description",
 ]

@@ -29,6 +29,7 @@ import os
 from pathlib import Path
 
 from nidask.errors import InputError, OutputError
+from nidask.geometry import PHASE_ENCODINGS
 from nidask.io.cache import atomic_output
 from nidask.io.files import read_json_object
 
@@ -265,7 +266,8 @@ def find_sidecars(path, derivatives=None) -> dict:
     Returns
     -------
     dict
-        DWI: ``bvec_file``, ``bval_file``; PET: ``temporal_file`` (the nearest
+        DWI: ``bvec_file``, ``bval_file`` (and ``phase_encoding``, the JSON metadata's
+        ``PhaseEncodingDirection``, when it holds one); PET: ``temporal_file`` (the nearest
         applicable JSON sidecar holding ``FrameTimesStart``); BOLD: ``json_file``
         (the nearest one holding ``RepetitionTime``); all: ``brainmask_file`` when a
         mask was found.  ``nidask.load(path, **find_sidecars(path))`` opens the
@@ -288,6 +290,9 @@ def find_sidecars(path, derivatives=None) -> dict:
             if not files:
                 raise InputError(f"no {extension} file applies to this series", path)
             found[key] = os.fspath(files[0])
+        direction = sidecar_metadata(path).get("PhaseEncodingDirection")
+        if isinstance(direction, str) and direction.strip().lower() in PHASE_ENCODINGS:
+            found["phase_encoding"] = direction.strip().lower()
     elif suffix in TIMING_KEYS:
         keyword, required = TIMING_KEYS[suffix]
         for sidecar in _applicable(path, ".json", root):
@@ -535,4 +540,36 @@ def write_dataset_description(out_dir, settings: dict | None = None, source_dir=
         raise OutputError(
             f"cannot write the dataset description ({exc.strerror or exc})", path
         ) from exc
+    return path
+
+
+#: Files of a nidask derivative that BIDS does not name yet, for ``.bidsignore``: the
+#: per-volume transforms (X5), the motion tables, the rotated gradient tables of the
+#: corrected series and the QC pages.
+BIDSIGNORE = ("*_xfm.x5", "*_timeseries.tsv", "*_dwi.bval", "*_dwi.bvec", "*.html")
+
+
+def write_bidsignore(out_dir) -> str:
+    """Write ``out_dir/.bidsignore`` listing :data:`BIDSIGNORE` (idempotent).
+
+    Lines already in the file are kept, so a user's own patterns survive.  Returns the
+    file's path.
+    """
+    path = os.path.join(os.fspath(out_dir), ".bidsignore")
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        lines = []
+    except OSError as exc:
+        raise OutputError(f"cannot read .bidsignore ({exc.strerror or exc})", path) from exc
+    missing = [p for p in BIDSIGNORE if p not in lines]
+    if not missing:
+        return path
+    try:
+        os.makedirs(os.fspath(out_dir), exist_ok=True)
+        with atomic_output(path) as temporary, open(temporary, "w") as f:
+            f.write("\n".join([*lines, *missing]) + "\n")
+    except OSError as exc:
+        raise OutputError(f"cannot write .bidsignore ({exc.strerror or exc})", path) from exc
     return path

@@ -27,13 +27,13 @@ from nidask.cli.common import (
     COMPANIONS,
     MODEL_NEEDS_HINT,
     PROG,
+    Parser,
     Terminated,
     UsageError,
-    _common_options,
-    _error_line,
-    _format_error,
-    _Parser,
     atomic_directory,
+    common_options,
+    error_line,
+    format_error,
     open_dataset,
     scheduler,
     write_outputs,
@@ -70,16 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``nidask`` argument parser."""
     from nidask import __version__
 
-    parser = _Parser(
+    parser = Parser(
         prog=PROG,
         description="Lazy, out-of-core 4D neuroimaging series and head-motion estimation.",
         epilog="Start with 'nidask demo'. Exit codes: 0 ok, 1 failure, 2 usage error, "
         "130 interrupted.",
-        parents=[_common_options(False)],
+        parents=[common_options(False)],
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    common = _common_options(argparse.SUPPRESS)
+    common = common_options(argparse.SUPPRESS)
 
     for command in (info, convert, estimate, demo):
         command.add_parser(commands, [common])
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     try:
         args = parser.parse_args(argv)
     except UsageError as exc:
-        _error_line(str(exc))
+        error_line(str(exc))
         return 2
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else 0
@@ -112,15 +112,15 @@ def main(argv=None) -> int:
     except UsageError as exc:
         if debug:
             traceback.print_exc()
-        _error_line(str(exc))
+        error_line(str(exc))
         return 2
     except KeyboardInterrupt as exc:
         if debug:
             traceback.print_exc()
-        _error_line(str(exc) or "interrupted")
+        error_line(str(exc) or "interrupted")
         return 130
     except Terminated as exc:
-        _error_line(str(exc) or "terminated")
+        error_line(str(exc) or "terminated")
         return 143
     except Exception as exc:
         from nidask.errors import NidaskError
@@ -128,10 +128,10 @@ def main(argv=None) -> int:
         if debug:
             traceback.print_exc()
         if isinstance(exc, NidaskError | OSError):
-            _error_line(_format_error(exc))
+            error_line(format_error(exc))
         else:
             hint = "" if debug else " (run with --debug for the traceback)"
-            _error_line(f"unexpected error: {_format_error(exc)}{hint}")
+            error_line(f"unexpected error: {format_error(exc)}{hint}")
         return 1
     finally:
         if previous is not None:

@@ -30,6 +30,7 @@ COMPANIONS = {
     "timing": "temporal_file",
     "sidecar": "json_file",
     "tr": "repetition_time",
+    "phase_encoding": "phase_encoding",
 }
 
 
@@ -41,7 +42,7 @@ class Terminated(BaseException):
     """SIGTERM received (exit code 143); a BaseException so cleanups run."""
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors become :class:`UsageError` (one line, exit 2)."""
 
     def error(self, message):
@@ -67,7 +68,7 @@ def human_bytes(n: float) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-def _peak_memory() -> tuple[int, int]:
+def peak_memory() -> tuple[int, int]:
     """Peak resident memory (bytes) of this process and of its finished children."""
     scale = 1 if sys.platform == "darwin" else 1024  # Linux reports KiB
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
@@ -75,7 +76,7 @@ def _peak_memory() -> tuple[int, int]:
     return own, children
 
 
-def _format_error(exc: BaseException) -> str:
+def format_error(exc: BaseException) -> str:
     from nidask.errors import NidaskError
 
     if isinstance(exc, NidaskError):
@@ -90,13 +91,13 @@ def _format_error(exc: BaseException) -> str:
     return " ".join(message.split())  # one line, whatever the message held
 
 
-def _show(path: str) -> str:
+def show_path(path: str) -> str:
     """``path`` relative to the working directory when below it, else absolute."""
     relative = os.path.relpath(path)
     return path if relative.startswith("..") else relative
 
 
-def _error_line(message: str) -> None:
+def error_line(message: str) -> None:
     say(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
 
 
@@ -114,7 +115,9 @@ def open_dataset(path: str, args):
     import nidask
 
     kwargs = _companions(args)
-    given = sorted(f"--{o}" for o in COMPANIONS if getattr(args, o, None) is not None)
+    given = sorted(
+        f"--{o.replace('_', '-')}" for o in COMPANIONS if getattr(args, o, None) is not None
+    )
     if (args.bvec is None) != (args.bval is None):
         raise UsageError("--bvec and --bval go together")
     from nidask.data.loading import modalities_for
@@ -140,7 +143,7 @@ MODEL_NEEDS_HINT = {
 }
 
 
-def _model_for(dataset, model: str | None) -> str:
+def model_for(dataset, model: str | None) -> str:
     from nidask.estimation.models import get_model
 
     if model is None or model == "auto":
@@ -152,7 +155,7 @@ def _model_for(dataset, model: str | None) -> str:
     return model
 
 
-def _non_negative_int(value: str) -> int:
+def non_negative_int(value: str) -> int:
     try:
         number = int(value)
     except ValueError:
@@ -162,7 +165,7 @@ def _non_negative_int(value: str) -> int:
     return number
 
 
-def _positive_int(value: str) -> int:
+def positive_int(value: str) -> int:
     try:
         number = int(value)
     except ValueError:
@@ -231,17 +234,9 @@ def write_outputs(raw, estimated, directory, **options) -> list[str]:
     )
 
 
-FLAG_MEANINGS = {
-    "implausible": "motion beyond the plausible bound",
-    "poor_fit": "registered poorly to its prediction",
-    "unconverged": "registration did not converge",
-    "small_fov": "field of view small for motion estimation",
-    "inconsistent": "the leave-one-out estimate moved over 0.5 mm from the b=0 anchor",
-}
-
-
-def _warn_flags(report) -> None:
+def warn_flags(report) -> None:
     """One warning line per flag raised (see motion.tsv)."""
+    from nidask.reporting.html import FLAG_MEANINGS
     from nidask.reporting.tables import flagged
 
     for flag, volumes in flagged(report).items():
@@ -253,7 +248,7 @@ def _warn_flags(report) -> None:
         )
 
 
-def _motion_summary(dataset) -> str:
+def motion_summary(dataset) -> str:
     from nidask.geometry import motion_table
 
     dataset = dataset.whole_series()
@@ -268,7 +263,7 @@ def _motion_summary(dataset) -> str:
 
 
 # -- parser options shared by the subcommands -----------------------------------
-def _common_options(default) -> argparse.ArgumentParser:
+def common_options(default) -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("general options")
     group.add_argument(
@@ -289,6 +284,11 @@ def add_companion_options(parser) -> None:
         "--gradients", metavar="FILE", help="(N, 4) RAS direction + b-value table (DWI)"
     )
     group.add_argument("--b0", metavar="FILE", help="3D b=0 reference (DWI)")
+    group.add_argument(
+        "--phase-encoding",
+        metavar="DIR",
+        help="phase-encoding direction, as BIDS writes it: i, i-, j, j-, k, k- (DWI)",
+    )
     group.add_argument("--mask", metavar="FILE", help="3D brain mask")
     group.add_argument("--timing", metavar="FILE", help="BIDS JSON sidecar with frame times (PET)")
     group.add_argument(
@@ -297,7 +297,7 @@ def add_companion_options(parser) -> None:
     group.add_argument("--tr", type=float, metavar="SECONDS", help="repetition time (BOLD)")
 
 
-def _scheduler_options(parser, default_workers=None) -> None:
+def add_scheduler_options(parser, default_workers=None) -> None:
     group = parser.add_argument_group("where to compute")
     group.add_argument(
         "--scheduler",
@@ -307,5 +307,5 @@ def _scheduler_options(parser, default_workers=None) -> None:
         "the address of a dask.distributed scheduler (tcp://host:8786)",
     )
     group.add_argument(
-        "--workers", type=_positive_int, default=default_workers, help="number of workers"
+        "--workers", type=positive_int, default=default_workers, help="number of workers"
     )

@@ -15,14 +15,14 @@ import time
 
 from nidask.cli.common import (
     UsageError,
-    _peak_memory,
-    _positive_int,
-    _scheduler_options,
-    _show,
+    add_scheduler_options,
     atomic_directory,
     human_bytes,
+    peak_memory,
+    positive_int,
     say,
     scheduler,
+    show_path,
     write_outputs,
 )
 
@@ -107,7 +107,7 @@ def _demo_series(kind: str, out: str, size: dict, passes: int, client) -> dict:
     relocate = {k: v.replace(temp, directory) for k, v in truth.companions.items()}
     image = truth.image.replace(temp, directory)
     shape = "x".join(map(str, size["shape3d"]))
-    say(f"phantom    {_show(image)}: {shape} voxels, {what}")
+    say(f"phantom    {show_path(image)}: {shape} voxels, {what}")
     say("           known motion: drift and jumps up to 3 mm and 3 deg per axis")
     dataset = nidask.load(image, **relocate)
     from nidask.estimation.defaults import default_model
@@ -144,7 +144,7 @@ def _demo_series(kind: str, out: str, size: dict, passes: int, client) -> dict:
             true=true @ errors["offset"],
             title=f"{kind.upper()} phantom: ",
         )
-    say(f"outputs    {', '.join(os.path.join(_show(directory), w) for w in written)}")
+    say(f"outputs    {', '.join(os.path.join(show_path(directory), w) for w in written)}")
     say(
         f"errors     translation median {errors['translation_mm_median']:.2f} mm, "
         f"worst {errors['translation_mm_max']:.2f} mm; rotation median "
@@ -166,10 +166,10 @@ def cmd_demo(args) -> int:
     out = os.path.abspath(args.out)
     size = DEMO_SIZES[args.size]
     _prepare_demo_directory(out)
-    baseline = _peak_memory()[0]
+    baseline = peak_memory()[0]
     say(
         f"nidask demo ({args.size}): synthetic DWI and PET series with known head motion, "
-        f"written to {_show(out)}"
+        f"written to {show_path(out)}"
     )
     start = time.perf_counter()
     results = []
@@ -177,7 +177,7 @@ def cmd_demo(args) -> int:
         for kind in ("dwi", "pet"):
             say(f"\n== {kind.upper()} ==")
             results.append(_demo_series(kind, out, size, args.passes, client))
-    own, children = _peak_memory()
+    own, children = peak_memory()
     say("\n== summary ==")
     for r in results:
         say(
@@ -190,7 +190,7 @@ def cmd_demo(args) -> int:
     if children > 0 and args.scheduler == "processes":
         peak += f", worker processes {human_bytes(children)}"
     say(peak)
-    say(f"total {time.perf_counter() - start:.1f} s; outputs in {_show(out)}")
+    say(f"total {time.perf_counter() - start:.1f} s; outputs in {show_path(out)}")
     return 0
 
 
@@ -217,8 +217,8 @@ def add_parser(subparsers, parents) -> argparse.ArgumentParser:
         "of 24 directions, 12 frames)",
     )
     demo.add_argument(
-        "--passes", type=_positive_int, help="most estimation passes (default: the estimator's)"
+        "--passes", type=positive_int, help="most estimation passes (default: the estimator's)"
     )
-    _scheduler_options(demo)
+    add_scheduler_options(demo)
     demo.set_defaults(func=cmd_demo)
     return demo

@@ -19,15 +19,16 @@ from nidask.cli.common import (
     COMPANIONS,
     Terminated,
     UsageError,
-    _model_for,
-    _motion_summary,
-    _non_negative_int,
-    _scheduler_options,
-    _warn_flags,
     add_companion_options,
+    add_scheduler_options,
+    model_for,
+    motion_summary,
+    non_negative_int,
     open_dataset,
+    positive_int,
     say,
     scheduler,
+    warn_flags,
     write_outputs,
 )
 from nidask.estimation.lofo import FOLD_ORDERS
@@ -60,14 +61,38 @@ def _estimator_from(args, model="auto"):
         tolerance=args.tolerance,
         reference=args.reference,
         keep_work=args.keep_work,
+        eddy_currents=args.eddy_currents,
+        outliers=args.outliers,
     )
+
+
+def _run_settings(args, model) -> dict:
+    """The settings of one run, for its QC page (report.html)."""
+    return {
+        "input": args.input,
+        "model": model,
+        "passes": "default" if args.passes is None else args.passes,
+        "anchor": args.anchor,
+        "eddy currents": args.eddy_currents,
+        "outlier slices": args.outliers,
+        "tolerance (mm)": args.tolerance,
+        "fold order": args.order,
+        "seed": args.seed,
+        "reference": args.reference,
+        "interpolation order": args.interpolation,
+        "insert b=0": args.insert_b0,
+        "scheduler": args.scheduler,
+        "workers": args.workers,
+    }
 
 
 def cmd_estimate_bids(args) -> int:
     """``nidask estimate BIDS_DIR OUT_DIR participant``: every selected series."""
     from nidask.bids.participants import run_participants, summary_table
 
-    given = sorted(f"--{o}" for o in COMPANIONS if getattr(args, o, None) is not None)
+    given = sorted(
+        f"--{o.replace('_', '-')}" for o in COMPANIONS if getattr(args, o, None) is not None
+    )
     if given or args.out:
         raise UsageError(
             f"a BIDS dataset finds its own companions and names its outputs: "
@@ -80,6 +105,7 @@ def cmd_estimate_bids(args) -> int:
         "anchor": args.anchor,
         "tolerance": args.tolerance,
         "order": args.order,
+        "outliers": args.outliers,
     }
     with scheduler(args.scheduler, args.workers) as client:
         results = run_participants(
@@ -90,9 +116,11 @@ def cmd_estimate_bids(args) -> int:
             modalities=args.modality,
             client=client,
             settings=settings,
+            concurrent=args.series_at_once,
             say=say,
         )
     say(summary_table(results))
+    say(f"QC pages linked from {os.path.join(os.path.abspath(args.output_dir), 'report.html')}")
     return 1 if any(r.status == "failed" for r in results) else 0
 
 
@@ -116,7 +144,7 @@ def cmd_estimate(args) -> int:
         )
     dataset = open_dataset(args.input, args)
     with dataset:
-        model = _model_for(dataset, args.model)
+        model = model_for(dataset, args.model)
         n = len(dataset.whole_series())
         if isinstance(args.reference, int) and not -n <= args.reference < n:
             raise UsageError(f"--reference {args.reference}: out of range for {n} volumes")
@@ -147,8 +175,8 @@ def cmd_estimate(args) -> int:
                 raise KeyboardInterrupt(f"{work}: interrupted; continue with --resume") from None
             except Terminated:
                 raise Terminated(f"{work}: terminated; continue with --resume") from None
-            say(f"estimated in {time.perf_counter() - start:.1f} s: {_motion_summary(estimated)}")
-            _warn_flags(estimator.report)
+            say(f"estimated in {time.perf_counter() - start:.1f} s: {motion_summary(estimated)}")
+            warn_flags(estimator.report)
             written = write_outputs(
                 dataset,
                 estimated,
@@ -157,6 +185,8 @@ def cmd_estimate(args) -> int:
                 order=args.interpolation,
                 insert_b0=args.insert_b0,
                 plots=not args.no_plots,
+                name=os.path.basename(args.input),
+                settings=_run_settings(args, model),
             )
     say(f"wrote {', '.join(written)} in {out}")
     return 0
@@ -172,11 +202,16 @@ def add_parser(subparsers, parents) -> argparse.ArgumentParser:
         "model and rigid registration. Writes OUT/corrected.nii.gz (+ .bval/.bvec for "
         "a DWI), OUT/motion.x5 (one transform per volume), OUT/motion.tsv (tx ty tz in "
         "mm, rx ry rz in degrees about the centre of the field of view, framewise "
-        "displacement) and PNG plots. The run lives in OUT/work; an interrupted run "
+        "displacement), OUT/report.html (a self-contained QC page: motion, the volumes "
+        "that moved most before and after correction, flags, settings), "
+        "OUT/outliers.tsv (a DWI's outlier slices, signal lost to motion during the "
+        "diffusion encoding: volume, slice, score, replaced; see --outliers) and PNG plots. "
+        "The run lives in OUT/work; an interrupted run "
         "continues with --resume. On a BIDS dataset, in the BIDS-Apps form "
         "'nidask estimate BIDS_DIR OUT_DIR participant', every DWI, PET and BOLD series "
         "of the selected participants is estimated on one scheduler and written as a "
-        "BIDS derivative (sidecars found by the BIDS inheritance rules).",
+        "BIDS derivative (sidecars found by the BIDS inheritance rules), each series with "
+        "its QC page and OUT_DIR/report.html linking them.",
     )
     estimate.add_argument(
         "input", help="input series (NIfTI + companions, or NFDH5), or a BIDS dataset"
@@ -202,6 +237,13 @@ def add_parser(subparsers, parents) -> argparse.ArgumentParser:
         default=["dwi", "pet", "bold"],
         help="series suffixes to estimate (default all three)",
     )
+    group.add_argument(
+        "--series-at-once",
+        type=positive_int,
+        metavar="N",
+        help="series estimated together on the scheduler (default: one per worker, at "
+        "least two with a scheduler, as memory allows)",
+    )
     group = estimate.add_argument_group("estimation")
     group.add_argument("--out", metavar="DIR", help="output directory (one series)")
     group.add_argument(
@@ -213,7 +255,7 @@ def add_parser(subparsers, parents) -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--passes",
-        type=_non_negative_int,
+        type=non_negative_int,
         help=(
             "most leave-one-out passes (default: after a DWI's b=0 anchor, 2 when every "
             "shell has 60+ directions, else 0; 4 without the anchor)"
@@ -232,6 +274,23 @@ def add_parser(subparsers, parents) -> argparse.ArgumentParser:
         default=0.1,
         metavar="MM",
         help="stop once no volume's estimate moves more than this (default 0.1 mm)",
+    )
+    group.add_argument(
+        "--eddy-currents",
+        action="store_true",
+        help="DWI: estimate each volume's eddy-current distortion (FSL eddy's linear model) "
+        "with its motion; needs --phase-encoding (or a BIDS sidecar's PhaseEncodingDirection) "
+        "and writes OUT/eddy.tsv",
+    )
+    group.add_argument(
+        "--outliers",
+        choices=("off", "flag", "replace"),
+        default="flag",
+        help="a DWI's outlier slices (signal lost to motion during the diffusion "
+        "encoding, as FSL eddy finds them): flag (default) scores every slice against "
+        "its leave-one-out prediction and lists the outliers in OUT/outliers.tsv; "
+        "replace also replaces them by the prediction in the corrected series (and in "
+        "the next pass); off skips the scoring",
     )
     group.add_argument("--order", choices=FOLD_ORDERS, default="sequential", help="fold order")
     group.add_argument("--seed", type=int, default=0, help="seed of --order random")
@@ -261,7 +320,11 @@ def add_parser(subparsers, parents) -> argparse.ArgumentParser:
         action="store_true",
         help="DWI: write the b=0 reference as volume 0 of the corrected series",
     )
-    group.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
-    _scheduler_options(estimate)
+    group.add_argument(
+        "--no-plots",
+        action="store_true",
+        help="do not write the PNG plots (OUT/report.html is written all the same)",
+    )
+    add_scheduler_options(estimate)
     estimate.set_defaults(func=cmd_estimate)
     return estimate

@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from nidask.cli.common import add_companion_options, human_bytes, open_dataset, say
-from nidask.data.base import BaseDataset
+from nidask.data.base import BaseDataset, by_modality
 from nidask.data.bold import BOLD
 from nidask.data.dmri import DWI
 from nidask.data.pet import PET
@@ -114,8 +114,7 @@ MODALITY_FACTS = {
 
 def modality_facts(dataset, volumes_in_file: int | None = None) -> dict:
     """The facts ``nidask info`` reports for the dataset's modality."""
-    facts = next(MODALITY_FACTS[c] for c in type(dataset).__mro__ if c in MODALITY_FACTS)
-    return facts(dataset, volumes_in_file)
+    return by_modality(MODALITY_FACTS, dataset)(dataset, volumes_in_file)
 
 
 def describe(dataset, path: str) -> dict:

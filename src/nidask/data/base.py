@@ -545,6 +545,22 @@ class BaseDataset:
         return f"{type(self).__name__}({', '.join(parts)})"
 
 
+def by_modality(table: dict, dataset):
+    """The entry of ``table`` (keyed by dataset class) for ``dataset``'s class.
+
+    A class without an entry takes its nearest parent's, so tables on the side that
+    uses them (estimation, CLI, bridges) keep the datasets about data.
+
+    >>> class Sub(BaseDataset): ...
+    >>> by_modality({BaseDataset: "base"}, Sub.__new__(Sub))
+    'base'
+    """
+    for cls in type(dataset).__mro__:
+        if cls in table:
+            return table[cls]
+    raise KeyError(f"no entry for {type(dataset).__name__}")
+
+
 #: NFDH5 ``Type`` -> dataset class (modalities register by declaring ``nfdh5_type``).
 MODALITIES: dict[str, type[BaseDataset]] = {BaseDataset.nfdh5_type: BaseDataset}
 

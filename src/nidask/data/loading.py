@@ -10,7 +10,10 @@ from nidask.io.sources import check_readable, is_hdf5
 
 #: Companion-file keywords of :func:`load` that mark each modality, and its reader.
 READERS = {
-    dmri.DWI: (("bvec_file", "bval_file", "gradients_file", "b0_file"), dmri.from_nii),
+    dmri.DWI: (
+        ("bvec_file", "bval_file", "gradients_file", "b0_file", "phase_encoding"),
+        dmri.from_nii,
+    ),
     pet.PET: (("temporal_file",), pet.from_nii),
     bold.BOLD: (("json_file", "repetition_time"), bold.from_nii),
 }
@@ -31,7 +34,8 @@ def load(path, **kwargs) -> BaseDataset:
     NFDH5 files become the dataset type their ``Type`` attribute names.  NIfTI
     (and ``.npy``) files become a :class:`~nidask.BaseDataset`, or the modality
     whose companion files are given (:data:`READERS`): a :class:`~nidask.DWI` with
-    ``bvec_file``, ``bval_file``, ``gradients_file`` or ``b0_file``, a
+    ``bvec_file``, ``bval_file``, ``gradients_file`` or ``b0_file`` (and its
+    ``phase_encoding``, ``"j-"`` ...), a
     :class:`~nidask.PET` with a ``temporal_file``, a :class:`~nidask.BOLD` with a
     ``json_file`` or ``repetition_time``.  ``brainmask_file`` is accepted for all.
 

@@ -144,8 +144,13 @@ def anchor_estimates(
     mask: str,
     folder: str,
     progress=None,
+    registration=None,
 ) -> tuple[np.ndarray, str]:
-    """Every volume's matrix in the frame of the b=0 template, and the template's path."""
+    """Every volume's matrix in the frame of the b=0 template, and the template's path.
+
+    ``registration`` registers the other volumes to the template (default
+    :data:`MI_REGISTRATION`; with eddy currents, its joint twin).
+    """
     template, b0_matrices = b0_template(
         volumes, b0_index, affine, shape3d, mask, os.path.join(folder, "template"), progress
     )
@@ -159,7 +164,7 @@ def anchor_estimates(
             mask,
             others,
             affine,
-            MI_REGISTRATION,
+            MI_REGISTRATION if registration is None else registration,
             folder,
             {},
             f"b=0 anchor: registering {len(others)} volumes to the template",

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from nidask.config import b0_threshold
-from nidask.data.base import BaseDataset
+from nidask.data.base import BaseDataset, by_modality
 from nidask.data.dmri import DWI, GP_MIN_DIRECTIONS, check_diffusion_volumes
 
 
@@ -51,10 +51,6 @@ ESTIMABLE: dict[type, Callable[[BaseDataset, list], None]] = {
 }
 
 
-def _entry(table: dict, dataset):
-    return next(table[cls] for cls in type(dataset).__mro__ if cls in table)
-
-
 def default_model(dataset) -> list[str]:
     """The model names the estimator's ``model="auto"`` gives ``dataset``, per pass.
 
@@ -62,9 +58,9 @@ def default_model(dataset) -> list[str]:
     >>> default_model(BaseDataset(da.zeros((2, 2, 2, 3)), np.eye(4)))
     ['average']
     """
-    return _entry(DEFAULT_MODELS, dataset)(dataset)
+    return by_modality(DEFAULT_MODELS, dataset)(dataset)
 
 
 def check_estimable(dataset, models) -> None:
     """Refuse (:class:`~nidask.errors.InputError`) a series ``models`` cannot estimate."""
-    _entry(ESTIMABLE, dataset)(dataset, models)
+    by_modality(ESTIMABLE, dataset)(dataset, models)

@@ -248,16 +248,28 @@ class RigidRegistration:
         center = fov_center(aff, fixed32.shape)
         params = np.zeros(6) if init is None else rigid_params(init, center=center)
         scale = np.array([1.0, 1.0, 1.0] + [1.0 / self.radius] * 3)
-        n_levels = len(self.shrink)
-        cost_class = _NCCCost if self.metric == "ncc" else _MattesCost
+        cost_class = NCCCost if self.metric == "ncc" else MattesCost
+        params, quality = self._pyramid(
+            fixed32, moving32, aff, mask, center, params, scale, cost_class
+        )
+        return rigid_matrix(params, center=center), quality
+
+    # ---------------------------------------------------------------- helpers
+    def _pyramid(self, fixed32, moving32, aff, mask, center, params, scale, cost, *extra):
+        """Optimise ``params`` level by level, coarse to fine: ``(params, quality)``.
+
+        ``cost(level, inverse affine, center, scale, bins, *extra)`` is the cost of a
+        level (its value and slopes in the scaled parameters ``params / scale``).
+        """
         quality = {"similarity": float("nan"), "converged": True, "evaluations": 0}
+        n_levels = len(self.shrink)
         for k, (factor, sigma) in enumerate(zip(self.shrink, self.smoothing, strict=True)):
             level = self._level(
                 fixed32, moving32, aff, mask, center, int(factor), sigma, last=k == n_levels - 1
             )
             if level is None:
                 continue
-            fun = cost_class(level, np.linalg.inv(level.affine), center, scale, self.bins)
+            fun = cost(level, np.linalg.inv(level.affine), center, scale, self.bins, *extra)
             start = params / scale
             # the search stays within a plausible head motion of its start (mutual
             # information, for one, rewards moving structure out of the sampled region)
@@ -276,9 +288,8 @@ class RigidRegistration:
             quality["evaluations"] += int(res.nfev)
             quality["converged"] &= bool(res.nit < self.maxiter)
             quality["similarity"] = float(1.0 - res.fun if self.metric == "ncc" else -res.fun)
-        return rigid_matrix(params, center=center), quality
+        return params, quality
 
-    # ---------------------------------------------------------------- helpers
     def _check(self, fixed, moving, affine, mask):
         fixed32, moving32 = _finite32(fixed), _finite32(moving)
         if fixed32.ndim != 3 or fixed32.shape != moving32.shape:
@@ -455,7 +466,7 @@ class _Sampler:
         return out
 
 
-class _NCCCost(_Sampler):
+class NCCCost(_Sampler):
     """``1 - NCC`` and its exact gradient w.r.t. the scaled parameters.
 
     With sample weights ``w`` (summing to one) means, products and norms are
@@ -472,22 +483,41 @@ class _NCCCost(_Sampler):
     def __call__(self, z: np.ndarray) -> tuple[float, np.ndarray]:
         params = np.asarray(z, dtype=np.float64) * self.scale
         rot, d_rot = rotation_and_derivatives(params[3:])
+        cost, slopes = self.cost_and_slopes(params, rot)
+        return cost, rigid_gradient(slopes, d_rot) * self.scale
+
+    def cost_and_slopes(self, params: np.ndarray, rot: np.ndarray) -> tuple[float, np.ndarray]:
+        """The cost at the points moved by ``rot`` and ``params[:3]``, and its slopes.
+
+        The slopes (3, 4) are the cost's derivatives with respect to the moved world
+        points ``y_i``, summed against ``(1, x_i - c)``: a parameterisation of the
+        map only needs the chain rule from there (:func:`rigid_gradient`).
+        """
         m, voxel_gradient = self.evaluate(params, rot)
         terms = kernels.ncc_terms if self.compiled else _ncc_terms
         mnorm2, cross, first, second = terms(m, voxel_gradient, self.w, self.fc, self.level.points)
         if mnorm2 <= 0:  # samples a flat region only: no information, no gradient
-            return 1.0, np.zeros(6)
+            return 1.0, np.zeros((3, 4))
         mnorm = math.sqrt(mnorm2)
         ncc = cross / mnorm
         # d ncc / d m_i = w_i (fc_i / |mc| - ncc * mc_i / |mc|^2)   (means drop out);
         # summed against each point's voxel gradient g_i times (1, x_i - c):
         sums = first / mnorm - (ncc / mnorm2) * second  # (3, 4)
         # world-space image gradient: dI/dy = dI/dv @ inv_lin
-        world = self.inv_lin.T @ sums
-        grad = np.empty(6)
-        grad[:3] = world[:, 0]  # dy/dt = I
-        grad[3:] = np.einsum("kab,ab->k", d_rot, world[:, 1:])  # dy/dr_k = dR_k @ (x - c)
-        return 1.0 - ncc, -grad * self.scale
+        return 1.0 - ncc, -(self.inv_lin.T @ sums)
+
+
+def rigid_gradient(slopes: np.ndarray, d_rot: np.ndarray) -> np.ndarray:
+    """The gradient (6,) of a cost with respect to ``(t, r)`` from its slopes (3, 4).
+
+    ``slopes[:, 0]`` sums the cost's derivative with respect to the moved points
+    ``y_i``, ``slopes[:, 1:]`` the same times ``(x_i - c)``: ``dy/dt = I`` and
+    ``dy/dr_k = dR_k @ (x - c)``.
+    """
+    grad = np.empty(6)
+    grad[:3] = slopes[:, 0]
+    grad[3:] = np.einsum("kab,ab->k", d_rot, slopes[:, 1:])
+    return grad
 
 
 def _ncc_terms(moving, slopes, weights, fixed, points):
@@ -519,7 +549,7 @@ def _cubic_bspline_derivative(t: np.ndarray) -> np.ndarray:
     )
 
 
-class _MattesCost(_Sampler):
+class MattesCost(_Sampler):
     """Negative mutual information (Mattes et al., 2003) and its exact gradient.
 
     The joint histogram counts each sample in its fixed-intensity bin and spreads
@@ -549,6 +579,15 @@ class _MattesCost(_Sampler):
     def __call__(self, z: np.ndarray) -> tuple[float, np.ndarray]:
         params = np.asarray(z, dtype=np.float64) * self.scale
         rot, d_rot = rotation_and_derivatives(params[3:])
+        cost, slopes = self.cost_and_slopes(params, rot)
+        grad = np.empty(6)
+        grad[:3] = slopes[:, 0]
+        # a contiguous copy: einsum then sums in the order it always has
+        grad[3:] = np.einsum("kab,ab->k", d_rot, np.ascontiguousarray(slopes[:, 1:]))
+        return cost, grad * self.scale
+
+    def cost_and_slopes(self, params: np.ndarray, rot: np.ndarray) -> tuple[float, np.ndarray]:
+        """Minus the mutual information and its slopes (see :meth:`NCCCost.cost_and_slopes`)."""
         m, voxel_gradient = self.evaluate(params, rot)
         pos, first = self._windows(m)
         rows = self.fbin * self.mbins
@@ -576,10 +615,8 @@ class _MattesCost(_Sampler):
         inside = (m > self.mlo) & (m < self.mlo + self.mwidth * (self.bins - 1))
         w[~inside] = 0.0
         wg = (w[:, None] * voxel_gradient) @ self.inv_lin
-        grad = np.empty(6)
-        grad[:3] = wg.sum(axis=0)
-        grad[3:] = np.einsum("kab,ab->k", d_rot, wg.T @ self.level.points)
-        return -mi, -grad * self.scale
+        slopes = np.concatenate([wg.sum(axis=0)[:, None], wg.T @ self.level.points], axis=1)
+        return -mi, -slopes
 
 
 METRICS = ("ncc", "mi")

@@ -145,6 +145,24 @@ def plot_motion(
     return figure
 
 
+def plot_series_motion(whole, *, true=None, title: str | None = None, filename=None):
+    """:func:`plot_motion` of a whole series (every volume of the file, in file order).
+
+    ``whole`` is a dataset's :meth:`~nidask.BaseDataset.whole_series` with motion;
+    ``true`` its known motion (dashed).
+    """
+    return plot_motion(
+        whole.motion_affines,
+        whole.affine,
+        whole.shape3d,
+        true=true,
+        x=whole.original_index,
+        xlabel="volume (index in the file)",
+        title=title,
+        filename=filename,
+    )
+
+
 def _positions(volumes, n: int) -> np.ndarray:
     if volumes is None:
         count = min(4, n)

@@ -5,7 +5,9 @@ Every row is a volume of the file (a DWI's b=0 volumes included), in file order.
 the centre of the field of view in mm, rotations in degrees), the framewise
 displacement, the registration's final similarity and the flags the estimator
 raised (``implausible``, ``poor_fit``, ``unconverged``, ``small_fov``,
-``inconsistent``).
+``inconsistent``).  ``outliers.tsv`` lists a DWI's outlier slices, one row each.
+With eddy currents estimated, ``motion.tsv`` holds the head's motion (each matrix
+without its eddy-current part) and ``eddy.tsv`` the coefficients.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def motion_tsv(dataset, report: dict | None = None) -> str:
     whole = dataset.whole_series()
     if whole.motion_affines is None:
         raise InputError("the dataset has no motion matrices")
-    table = motion_table(whole.motion_affines, whole.affine, whole.shape3d)
+    table = motion_table(motion_part_of(whole, report), whole.affine, whole.shape3d)
     lines = ["\t".join(COLUMNS)]
     quality = volume_quality(report, whole.original_index)
     for index, row, (similarity, flags) in zip(whole.original_index, table, quality, strict=True):
@@ -56,6 +58,48 @@ def motion_tsv(dataset, report: dict | None = None) -> str:
         fields.append("n/a" if similarity is None else f"{similarity:.4f}")
         fields.append(",".join(flags) or "n/a")
         lines.append("\t".join(fields))
+    return "\n".join(lines) + "\n"
+
+
+def motion_part_of(whole, report: dict | None) -> np.ndarray:
+    """The head's motion in ``whole.motion_affines``: without the eddy-current part
+    when ``report`` has one (:func:`nidask.estimation.eddy.motion_part`)."""
+    if not report or "eddy_currents" not in report:
+        return whole.motion_affines
+    from nidask.estimation.eddy import motion_part
+
+    return motion_part(whole.motion_affines, report["eddy_currents"], whole.affine, whole.shape3d)
+
+
+def eddy_tsv(dataset, report: dict) -> str:
+    """The eddy-current coefficients of every volume of the file, tab-separated.
+
+    One row per volume (file order): its index, then the report's coefficients
+    (``shift_mm`` in mm, the slopes in mm per mm; see :mod:`nidask.estimation.eddy`).
+    """
+    entry = report["eddy_currents"]
+    whole = dataset.whole_series()
+    lines = ["\t".join(["volume", *entry["columns"]])]
+    for index, row in zip(whole.original_index, entry["coefficients"], strict=True):
+        lines.append("\t".join([str(int(index)), *(f"{v:.6f}" for v in row)]))
+    return "\n".join(lines) + "\n"
+
+
+#: Columns of ``outliers.tsv``.
+OUTLIER_COLUMNS = ("volume", "slice", "score", "replaced")
+
+
+def outliers_tsv(report: dict) -> str:
+    """A report's outlier slices, tab-separated: one row per slice, by volume and slice.
+
+    ``volume`` is the index in the file, ``slice`` the index along the slice axis,
+    ``score`` the standardised residual (see :mod:`nidask.estimation.outliers`) and
+    ``replaced`` whether the corrected series holds the prediction there.
+    """
+    lines = ["\t".join(OUTLIER_COLUMNS)]
+    for o in sorted(report["outliers"], key=lambda o: (int(o["volume"]), int(o["slice"]))):
+        replaced = "true" if o["replaced"] else "false"
+        lines.append(f"{int(o['volume'])}\t{int(o['slice'])}\t{o['score']:.2f}\t{replaced}")
     return "\n".join(lines) + "\n"
 
 
@@ -98,14 +142,20 @@ def write_outputs(
     plots: bool = True,
     true=None,
     title: str = "",
+    name: str = "",
+    settings: dict | None = None,
     warn=None,
 ) -> list[str]:
-    """Corrected NIfTI (+ sidecars), ``motion.x5``, ``motion.tsv`` and PNG plots.
+    """Corrected NIfTI (+ sidecars), ``motion.x5``, ``motion.tsv`` (and ``eddy.tsv``),
+    ``report.html``, plots.
 
     The corrected series and the tables cover every volume of the file in file
     order (``insert_b0=True``: nifreeze's layout, the b=0 reference first and the
-    diffusion-weighted volumes).  ``warn(message)`` receives notes (missing
-    plotting library).  Returns the names written (relative to ``directory``).
+    diffusion-weighted volumes).  ``report.html`` is the QC page
+    (:mod:`nidask.reporting.html`; ``name`` and ``settings`` go on it), written
+    whatever ``plots`` says: ``plots`` switches the PNG files.  ``warn(message)``
+    receives notes (missing plotting library).  Returns the names written
+    (relative to ``directory``).
     """
     from nidask.data.export import write_transforms
 
@@ -121,18 +171,34 @@ def write_outputs(
     written.append("motion.x5")
     write_text(os.path.join(directory, "motion.tsv"), motion_tsv(estimated, report))
     written.append("motion.tsv")
+    if report and "outliers" in report:
+        write_text(os.path.join(directory, "outliers.tsv"), outliers_tsv(report))
+        written.append("outliers.tsv")
+    if report and "eddy_currents" in report:
+        write_text(os.path.join(directory, "eddy.tsv"), eddy_tsv(estimated, report))
+        written.append("eddy.tsv")
+    from nidask.reporting.html import figures_available, write_report_html
+
+    write_report_html(
+        os.path.join(directory, "report.html"),
+        raw,
+        estimated,
+        report,
+        settings,
+        title=name or title.strip().rstrip(":"),
+        true=true,
+    )
+    written.append("report.html")
+    if not figures_available() and warn is not None:
+        warn('report.html has no figures: matplotlib is missing (pip install "nidask[plot]")')
     if not plots:
         return written
-    from nidask.reporting.plots import MissingDependencyError, plot_mosaic, plot_motion
+    from nidask.reporting.plots import MissingDependencyError, plot_mosaic, plot_series_motion
 
     try:
-        plot_motion(
-            whole.motion_affines,
-            whole.affine,
-            whole.shape3d,
+        plot_series_motion(
+            whole,
             true=true,
-            x=whole.original_index,
-            xlabel="volume (index in the file)",
             title=f"{title}estimated head motion{' (dashed: true)' if true is not None else ''}",
             filename=os.path.join(directory, "motion.png"),
         )

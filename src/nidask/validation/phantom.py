@@ -372,6 +372,7 @@ def make_real_dwi(
     seed: int = 0,
     name: str = "dwi",
     dtype="float32",
+    eddy=None,
 ) -> Phantom:
     """Write a diffusion series of real anatomy (:func:`real_anatomy`) with known motion.
 
@@ -380,6 +381,11 @@ def make_real_dwi(
     standard deviation ``mean(b=0 in the brain) / snr`` (``snr=0``: noise-free, the
     twin of the same series for the Cramér-Rao bound).  ``bvecs`` are RAS+; the
     ``.bvec`` is written in FSL's frame of the (oblique LAS) grid.
+
+    ``eddy`` (N, 4, 4), optional: each volume's eddy-current part ``E``
+    (:func:`nidask.geometry.eddy_matrix`), applied in the scanner after the motion,
+    its Jacobian modulating the intensity; ``Phantom.motion`` then holds the whole
+    matrices ``E @ M``.
     """
     rng = np.random.default_rng(seed)
     bvals = np.asarray(bvals, dtype=float)
@@ -392,20 +398,16 @@ def make_real_dwi(
     def volumes():
         for i in range(len(bvals)):
             head = motion[i][:3, :3].T @ bvecs[i]
-            moved = _move(brain.signal(head, bvals[i], anisotropy), affine, motion[i])
+            whole = motion[i] if eddy is None else eddy[i] @ motion[i]
+            moved = _move(brain.signal(head, bvals[i], anisotropy), affine, whole)
+            if eddy is not None:  # a stretched image spreads its signal thinner
+                moved = moved / np.linalg.det(eddy[i][:3, :3])
             yield _add_noise(np.maximum(moved, 0.0) / level, sigma / level, True, rng)
 
     path = os.path.join(os.fspath(directory), f"{name}.nii")
     _write_series(volumes(), len(bvals), affine, path, dtype, anatomy.mask, scale=1000.0)
-    stem = os.path.join(os.fspath(directory), name)
-    np.savetxt(f"{stem}.bval", bvals[np.newaxis], fmt="%g")
-    np.savetxt(f"{stem}.bvec", ras_to_fsl(bvecs, affine).T, fmt="%.6f")
-    companions = {
-        "bvec_file": f"{stem}.bvec",
-        "bval_file": f"{stem}.bval",
-        "brainmask_file": path.replace(".nii", "_mask.nii", 1),
-    }
-    return Phantom(image=path, motion=motion, companions=companions, affine=affine)
+    whole = motion if eddy is None else np.asarray(eddy, dtype=float) @ motion
+    return _dwi_phantom(path, name, bvals, bvecs, whole, affine)
 
 
 def shell_directions(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -516,6 +518,19 @@ def _motion_for(motion, n: int, rng, max_mm, max_deg, centre) -> np.ndarray:
     if matrices.shape != (n, 4, 4):
         raise InputError(f"motion must be ({n}, 4, 4) matrices, got {matrices.shape}")
     return matrices
+
+
+def _dwi_phantom(path: str, name: str, bvals, bvecs, motion, affine) -> Phantom:
+    """Write the gradient tables (FSL's frame) beside a DWI phantom's series at ``path``."""
+    stem = os.path.join(os.path.dirname(path), name)
+    np.savetxt(f"{stem}.bval", np.asarray(bvals)[np.newaxis], fmt="%g")
+    np.savetxt(f"{stem}.bvec", ras_to_fsl(bvecs, affine).T, fmt="%.6f")
+    companions = {
+        "bvec_file": f"{stem}.bvec",
+        "bval_file": f"{stem}.bval",
+        "brainmask_file": path.replace(".nii", "_mask.nii", 1),
+    }
+    return Phantom(image=path, motion=motion, companions=companions, affine=affine)
 
 
 def make_dwi(
@@ -630,15 +645,7 @@ def make_dwi(
     path = os.path.join(os.fspath(directory), f"{name}.nii" + (".gz" if compressed else ""))
     mask = block_mean(brain.fractions[1:].sum(0), factor) > 0.5
     _write_series(volumes(), n, affine, path, dtype, mask, scale=1000.0)
-    stem = os.path.join(os.fspath(directory), name)
-    np.savetxt(f"{stem}.bval", bvals[np.newaxis], fmt="%g")
-    np.savetxt(f"{stem}.bvec", ras_to_fsl(bvecs, affine).T, fmt="%.6f")
-    companions = {
-        "bvec_file": f"{stem}.bvec",
-        "bval_file": f"{stem}.bval",
-        "brainmask_file": path.replace(".nii", "_mask.nii", 1),
-    }
-    return Phantom(image=path, motion=motion, companions=companions, affine=affine)
+    return _dwi_phantom(path, name, bvals, bvecs, motion, affine)
 
 
 def _add_noise(volume, sigma: float, rician: bool, rng) -> np.ndarray:
@@ -779,3 +786,26 @@ def write_series(path, shape, dtype="int16", seed: int = 0, block_volumes: int =
                 block[..., j] = base + np.asarray(start + j, dtype=dtype)
             f.write(memoryview(block.T.data).cast("B"))
     return path
+
+
+def drop_slices(phantom: Phantom, dropped, factor: float = 0.4, axis: int = 2) -> Phantom:
+    """The phantom's series with signal lost in some slices, as motion during the
+    diffusion encoding loses it: a copy named ``{stem}_dropped.nii`` beside it.
+
+    ``dropped`` holds ``(volume, slice)`` pairs (file volume, index along ``axis``);
+    each such slice of the acquired volume is multiplied by ``factor`` (or by the
+    matching entry of a sequence ``factor``).  The companions stay the original ones.
+    """
+    image = nb.load(phantom.image)
+    data = np.asarray(image.dataobj)
+    factors = np.broadcast_to(np.asarray(factor, dtype=float), (len(dropped),))
+    out = data.astype(np.float64)
+    for (volume, k), f in zip(dropped, factors, strict=True):
+        index = [slice(None)] * 4
+        index[axis], index[3] = int(k), int(volume)
+        out[tuple(index)] *= f
+    if np.issubdtype(data.dtype, np.integer):
+        out = np.rint(out)
+    path = phantom.image.replace(".nii", "_dropped.nii", 1)
+    nb.Nifti1Image(out.astype(data.dtype), image.affine, image.header).to_filename(path)
+    return attrs.evolve(phantom, image=path)

@@ -19,7 +19,13 @@ from nidask.data.dmri.gradients import (
     normalize_gradients,
 )
 from nidask.errors import InputError
-from nidask.geometry import fsl_to_ras, ras_to_fsl
+from nidask.geometry import (
+    check_phase_encoding,
+    eddy_frame,
+    fsl_to_ras,
+    ras_to_fsl,
+    split_eddy,
+)
 from nidask.io.sources import source_of
 
 
@@ -46,6 +52,10 @@ class DWI(BaseDataset):
         diffusion-weighted ones).
     b0_motion_affines : ndarray (n_b0, 4, 4), optional
         Motion matrices of the b=0 volumes.
+    phase_encoding : str, optional
+        Phase-encoding direction as BIDS writes it (``"j"``, ``"j-"``, ``"i"``, ...;
+        voxel axes of the grid): where eddy currents displace the voxels
+        (:mod:`nidask.estimation.eddy`).
     """
 
     gradients: np.ndarray = attrs.field(default=None, validator=_check_gradients, kw_only=True)
@@ -53,15 +63,23 @@ class DWI(BaseDataset):
     b0s: da.Array | None = attrs.field(default=None, kw_only=True)
     b0_index: np.ndarray | None = attrs.field(default=None, kw_only=True)
     b0_motion_affines: np.ndarray | None = attrs.field(default=None, kw_only=True)
+    phase_encoding: str | None = attrs.field(default=None, kw_only=True)
 
     volume_fields = (*BaseDataset.volume_fields, "gradients")
     nfdh5_type = "dmri"
     nfdh5_file_type = "dmri"
-    private_fields = (*BaseDataset.private_fields, "b0s", "b0_index", "b0_motion_affines")
+    private_fields = (
+        *BaseDataset.private_fields,
+        "b0s",
+        "b0_index",
+        "b0_motion_affines",
+        "phase_encoding",
+    )
     export_sidecars = (".bval", ".bvec")
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
+        self.phase_encoding = check_phase_encoding(self.phase_encoding)
         self.gradients = normalize_gradients(self.gradients)
         if len(self.gradients) != len(self):
             raise InputError(
@@ -124,7 +142,7 @@ class DWI(BaseDataset):
         fields = {}
         if self.motion_affines is not None:
             gradients = self.gradients.copy()
-            gradients[:, :3] = rotate_bvecs(self.bvecs, self.motion_affines)
+            gradients[:, :3] = rotate_bvecs(self.bvecs, self._motion_parts())
             fields["gradients"] = gradients
         if self.b0s is not None and self.b0_motion_affines is not None:
             fields["b0s"] = resample_series(
@@ -132,6 +150,23 @@ class DWI(BaseDataset):
             )
             fields["b0_motion_affines"] = None
         return fields
+
+    def _motion_parts(self) -> np.ndarray:
+        """The motion matrices without their eddy-current part, where they have one.
+
+        With a phase-encoding direction, a non-rigid matrix is split into its
+        eddy-current part and the head's motion (:func:`nidask.geometry.split_eddy`):
+        only the head's rotation turns the gradient it saw.
+        """
+        matrices = self.motion_affines
+        if self.phase_encoding is None:
+            return matrices
+        frame = eddy_frame(self.affine, self.shape3d, self.phase_encoding)
+        out = matrices.copy()
+        for i, m in enumerate(matrices):
+            if not np.allclose(m[:3, :3].T @ m[:3, :3], np.eye(3), atol=1e-9):
+                out[i] = split_eddy(m, frame)[0]
+        return out
 
     def volume_meta(self) -> dict:
         return {"gradients": self.gradients}
@@ -195,11 +230,16 @@ class DWI(BaseDataset):
         gradients = fields["gradients"].copy()
         gradients[:, :3] = ras_to_fsl(gradients[:, :3], self.affine)
         fields["gradients"] = gradients
+        if "_phase_encoding" in fields:  # HDF5 fields are numbers: its ASCII codes
+            fields["_phase_encoding"] = np.frombuffer(self.phase_encoding.encode(), np.uint8)
         return fields
 
     @classmethod
     def from_stored(cls, data, fields, *, path, cache) -> DWI:
         """A DWI from its NFDH5 fields; b=0 volumes still in ``dataobj`` are set aside."""
+        if "phase_encoding" in fields:
+            codes = np.asarray(fields["phase_encoding"]).astype(np.uint8).reshape(-1)
+            fields["phase_encoding"] = check_phase_encoding(codes.tobytes().decode(), path)
         if "gradients" in fields:
             # (N, 4), finite, non-negative b: b=0 volumes are found from it below
             fields["gradients"] = normalize_gradients(fields["gradients"], path)

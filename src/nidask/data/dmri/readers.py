@@ -7,6 +7,7 @@ import numpy as np
 from nidask.data.dmri.dataset import DWI, b0_set_aside
 from nidask.data.dmri.gradients import read_gradients
 from nidask.errors import InputError
+from nidask.geometry import check_phase_encoding
 from nidask.io.cache import Cache
 from nidask.io.series import open_series
 from nidask.io.sources import open_source
@@ -20,6 +21,7 @@ def from_nii(
     brainmask_file=None,
     b0_file=None,
     *,
+    phase_encoding: str | None = None,
     cache: Cache | None = None,
 ) -> DWI:
     """Open a diffusion series (NIfTI, ``.npy`` or HDF5 array) lazily as a :class:`DWI`.
@@ -36,6 +38,9 @@ def from_nii(
         A 3D mask of the same grid.
     b0_file : path-like, optional
         A 3D b=0 reference; otherwise the median of the b=0 volumes (if any).
+    phase_encoding : str, optional
+        Phase-encoding direction (BIDS ``PhaseEncodingDirection``: ``"j"``, ``"j-"``,
+        ``"i"``, ...), which eddy-current estimation needs.
 
     Returns
     -------
@@ -63,4 +68,5 @@ def from_nii(
             )
         aside["bzero"] = b0_source.to_dask()[..., 0].astype(np.float32)
         fields["inputs"] += (b0_source.path,)
-    return DWI(**aside, **fields)
+    phase_encoding = check_phase_encoding(phase_encoding, source.path)
+    return DWI(**aside, **fields, phase_encoding=phase_encoding)
