@@ -295,6 +295,12 @@ class DWI(BaseDataset):
         series = self.whole_series() if b0_volumes and not insert_b0 else self
         output = series._exported(order, mode, cval)
         data, gradients = output.dataobj, output.gradients
+        if series.motion_affines is not None:
+            # an eddy-current stretch spreads a volume's signal over more voxels (its
+            # Jacobian, the whole matrix's determinant, as motion's is 1): scale it back
+            jacobian = np.abs(np.linalg.det(series.motion_affines[:, :3, :3]))
+            if not np.allclose(jacobian, 1.0, rtol=0, atol=1e-9):
+                data = data * jacobian.astype(np.float32)
         if insert_b0:
             if self.bzero is None:
                 raise InputError("insert_b0=True needs a DWI with a bzero volume")
