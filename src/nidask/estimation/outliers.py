@@ -9,8 +9,10 @@ acquired then.  Such a slice stands out against the volume's leave-one-out predi
    slice axis (the third voxel axis unless told otherwise) with at least
    :data:`MIN_SLICE_VOXELS` brain voxels, the mean residual (observed - prediction)
    over its brain voxels, relative to the mean prediction there, is the slice's
-   measure.  Measures are standardised per shell, robustly: minus the median, over
-   ``1.4826 x`` the median absolute deviation, of every slice of the shell's volumes.
+   measure.  Measures are standardised per shell, robustly (:func:`standardise`):
+   minus the slice's median over the shell's volumes (a slice's own bias is no
+   outlier), over ``1.4826 x`` the median absolute deviation, the slice's or, when
+   larger, that of every slice of the shell's volumes.
    A slice below ``-threshold`` (:data:`THRESHOLD`, eddy's 4 standard deviations) is
    an outlier, its standardised measure its ``score``.  b=0 volumes have no
    prediction of their own kind worth scoring against and are not scored.
