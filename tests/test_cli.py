@@ -215,6 +215,49 @@ def test_progress_bar_in_a_terminal(pet_phantom, tmp_path):
 
 
 # -- estimate -----------------------------------------------------------------------------
+def test_a_signal_dropped_in_a_finaliser_still_stops_the_command():
+    # Python only prints an exception raised in a finaliser, a weakref or an import-lock
+    # callback; a Ctrl-C landing there must still stop the run, and print nothing odd
+    script = """
+import gc, signal, sys
+from nidask.cli.common import STOP_SIGNALS, Terminated
+
+class Finaliser:
+    def __del__(self):
+        signal.raise_signal(getattr(signal, sys.argv[1]))
+
+for name in ("SIGINT", "SIGTERM"):
+    sys.argv[1:] = [name]
+    with STOP_SIGNALS:
+        Finaliser()
+        gc.collect()
+        print(name, "went on")
+        try:
+            STOP_SIGNALS.raise_if_received()
+        except (KeyboardInterrupt, Terminated) as exc:
+            print(name, "raised", type(exc).__name__)
+    print(name, "restored", signal.getsignal(getattr(signal, name)) is not STOP_SIGNALS._handle)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script, "SIGINT"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # no "Exception ignored in ..." traceback
+    assert result.stdout.splitlines() == [
+        "SIGINT went on",
+        "SIGINT raised KeyboardInterrupt",
+        "SIGINT restored True",
+        "SIGTERM went on",
+        "SIGTERM raised Terminated",
+        "SIGTERM restored True",
+    ]
+
+
 def test_estimate_interrupted_then_resumed(dwi_phantom, tmp_path):
     out = tmp_path / "out"
     command = [

@@ -18,8 +18,6 @@ their shared helpers in :mod:`nidask.cli.common`; this module assembles the pars
 from __future__ import annotations
 
 import argparse
-import contextlib
-import signal
 import traceback
 
 from nidask.cli import convert, demo, estimate, info
@@ -27,6 +25,7 @@ from nidask.cli.common import (
     COMPANIONS,
     MODEL_NEEDS_HINT,
     PROG,
+    STOP_SIGNALS,
     Parser,
     Terminated,
     UsageError,
@@ -86,10 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate(signum, frame):
-    raise Terminated()
-
-
 def main(argv=None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
@@ -101,13 +96,10 @@ def main(argv=None) -> int:
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else 0
     debug = args.debug
-    previous = None
-    with contextlib.suppress(ValueError):  # not the main thread
-        previous = signal.signal(signal.SIGTERM, _terminate)
     import dask
 
     try:
-        with dask.config.set({"nidask.progress": not args.quiet}):
+        with STOP_SIGNALS, dask.config.set({"nidask.progress": not args.quiet}):
             return args.func(args)
     except UsageError as exc:
         if debug:
@@ -133,6 +125,3 @@ def main(argv=None) -> int:
             hint = "" if debug else " (run with --debug for the traceback)"
             error_line(f"unexpected error: {format_error(exc)}{hint}")
         return 1
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import os
 import resource
+import signal
 import sys
 
 import numpy as np
@@ -40,6 +41,57 @@ class UsageError(Exception):
 
 class Terminated(BaseException):
     """SIGTERM received (exit code 143); a BaseException so cleanups run."""
+
+
+class StopSignals(contextlib.AbstractContextManager):
+    """Ctrl-C (SIGINT) and SIGTERM stop the command, even when Python drops the exception.
+
+    A signal's exception raised while Python runs a weakref callback, a finaliser or an
+    import-lock callback is only printed ("Exception ignored in ...") and the work goes
+    on.  Inside this context both signals are recorded as they arrive, such a dropped
+    exception is not printed, and :meth:`raise_if_received` raises it again at a point
+    where it cannot be lost.  SIGINT is handled only where Python's default handler is
+    installed (a job started with SIGINT ignored keeps ignoring it).
+    """
+
+    def __enter__(self):
+        self.received: list[int] = []
+        self._previous = {}
+        self._hook = sys.unraisablehook
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            current = signal.getsignal(signum)
+            if signum == signal.SIGINT and current is not signal.default_int_handler:
+                continue
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._previous[signum] = signal.signal(signum, self._handle)
+        sys.unraisablehook = self._unraisable
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        sys.unraisablehook = self._hook
+        return None
+
+    def _handle(self, signum, frame):
+        self.received.append(signum)
+        raise self._exception(signum)
+
+    @staticmethod
+    def _exception(signum) -> BaseException:
+        return KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+    def _unraisable(self, unraisable):
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt | Terminated):
+            self._hook(unraisable)
+
+    def raise_if_received(self) -> None:
+        """Raise the exception of the first signal received, if any."""
+        if self.received:
+            raise self._exception(self.received[0])
+
+
+STOP_SIGNALS = StopSignals()
 
 
 class Parser(argparse.ArgumentParser):

@@ -17,6 +17,7 @@ import time
 
 from nidask.cli.common import (
     COMPANIONS,
+    STOP_SIGNALS,
     Terminated,
     UsageError,
     add_companion_options,
@@ -165,6 +166,7 @@ def cmd_estimate(args) -> int:
             start = time.perf_counter()
             try:
                 estimated = estimator.run(dataset, client=client, workdir=work)
+                STOP_SIGNALS.raise_if_received()
             except NidaskError as exc:
                 # a run refused for its input or configuration holds nothing worth
                 # resuming: leave no work directory behind to block a corrected retry
