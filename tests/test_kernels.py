@@ -109,9 +109,38 @@ def test_ncc_terms_equal_their_numpy_twin():
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_compiled_and_scipy_registration_costs_agree():
-    """The NCC cost and gradient the optimiser sees, compiled and with scipy alone."""
-    from nidask.estimation.registration import NCCCost
+def test_mattes_terms_equal_their_numpy_twin():
+    from nidask.estimation.registration import mattes_terms_numpy
+
+    n, bins = 4000, 16
+    fixed_bins = RNG.integers(0, bins, n)
+    # moving samples tied to the fixed bins (information to find), some below and
+    # above the histogram's range (clipped, and out of the gradient)
+    moving = fixed_bins * 0.6 + RNG.normal(0, 1.0, n)
+    low, width = 0.5, 0.55
+    slopes, points = RNG.normal(size=(n, 3)), RNG.normal(size=(n, 3)) * 30
+    assert np.any(moving < low) and np.any(moving > low + width * (bins - 1))
+    compiled = kernels.mattes_terms(moving, slopes, fixed_bins, low, width, bins, points)
+    twin = mattes_terms_numpy(moving, slopes, fixed_bins, low, width, bins, points)
+    assert compiled[0] > 0.1  # the samples share information
+    assert compiled[0] == pytest.approx(twin[0], rel=1e-10)
+    np.testing.assert_allclose(compiled[1], twin[1], rtol=1e-9, atol=1e-12)
+    # the sums are the mutual information's slopes: check them by finite differences
+    step = 1e-6
+    for a in range(3):
+        ahead = kernels.mattes_terms(
+            moving + step * slopes[:, a], slopes, fixed_bins, low, width, bins, points
+        )[0]
+        behind = kernels.mattes_terms(
+            moving - step * slopes[:, a], slopes, fixed_bins, low, width, bins, points
+        )[0]
+        assert compiled[1][a, 0] == pytest.approx((ahead - behind) / (2 * step), rel=1e-4)
+
+
+@pytest.mark.parametrize("metric", ["ncc", "mi"])
+def test_compiled_and_scipy_registration_costs_agree(metric):
+    """The cost and gradient the optimiser sees, compiled and with scipy alone."""
+    from nidask.estimation.registration import MattesCost, NCCCost
 
     fixed = ndi.gaussian_filter(RNG.random((24, 22, 20)), 2.0).astype(np.float32)
     moving = np.roll(fixed, 1, axis=0) + RNG.normal(0, 0.002, fixed.shape).astype(np.float32)
@@ -129,7 +158,8 @@ def test_compiled_and_scipy_registration_costs_agree():
         with dask.config.set({"nidask.kernels": mode}):
             for factor, last in ((2, False), (1, True)):
                 level = registration._level(fixed, moving, affine, mask, centre, factor, 1.0, last)
-                cost = NCCCost(level, np.linalg.inv(level.affine), centre, scale)
+                cost_class = NCCCost if metric == "ncc" else MattesCost
+                cost = cost_class(level, np.linalg.inv(level.affine), centre, scale, 32)
                 assert cost.compiled == (mode == "auto")
                 results[mode, factor] = cost(z)
     for factor in (2, 1):
@@ -140,7 +170,12 @@ def test_compiled_and_scipy_registration_costs_agree():
 
 def test_warm_up_compiles_every_kernel():
     kernels.warm_up()
-    for build in (kernels._build, kernels._build_sampler, kernels._build_ncc):
+    for build in (
+        kernels._build,
+        kernels._build_sampler,
+        kernels._build_ncc,
+        kernels._build_mattes,
+    ):
         assert build.cache_info().currsize == 1
 
 

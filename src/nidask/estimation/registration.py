@@ -565,16 +565,8 @@ class MattesCost(_Sampler):
         lo, hi = _intensity_range(level.fixed)
         fpos = (np.clip(level.fixed, lo, hi) - lo) / (hi - lo) * (self.bins - 1)
         self.fbin = np.rint(fpos).astype(np.intp)
-        # two padding bins on each side hold the B-spline window's tails
         self.mlo, mhi = _intensity_range(level.moving.ravel())
         self.mwidth = (mhi - self.mlo) / (self.bins - 1)
-        self.mbins = self.bins + 4
-        self.n = len(self.fbin)
-
-    def _windows(self, m):
-        pos = np.clip((m - self.mlo) / self.mwidth, 0, self.bins - 1) + 2
-        first = np.floor(pos).astype(np.intp) - 1
-        return pos, first
 
     def __call__(self, z: np.ndarray) -> tuple[float, np.ndarray]:
         params = np.asarray(z, dtype=np.float64) * self.scale
@@ -589,34 +581,44 @@ class MattesCost(_Sampler):
     def cost_and_slopes(self, params: np.ndarray, rot: np.ndarray) -> tuple[float, np.ndarray]:
         """Minus the mutual information and its slopes (see :meth:`NCCCost.cost_and_slopes`)."""
         m, voxel_gradient = self.evaluate(params, rot)
-        pos, first = self._windows(m)
-        rows = self.fbin * self.mbins
-        joint = np.zeros(self.bins * self.mbins)
-        for k in range(4):
-            joint += np.bincount(
-                rows + first + k,
-                weights=_cubic_bspline(first + k - pos),
-                minlength=joint.size,
-            )
-        joint = joint.reshape(self.bins, self.mbins) / self.n
-        pf = joint.sum(axis=1)
-        pm = joint.sum(axis=0)
-        nz = joint > 0
-        outer = np.outer(pf, pm)
-        mi = float(np.sum(joint[nz] * np.log(joint[nz] / outer[nz])))
-        log_ratio = np.zeros_like(joint)
-        log_ratio[nz] = np.log(joint[nz] / pm[np.nonzero(nz)[1]])
-        log_ratio = log_ratio.ravel()
-        w = np.zeros(self.n)
-        for k in range(4):
-            w += _cubic_bspline_derivative(first + k - pos) * log_ratio[rows + first + k]
-        # d pos / d m = 1 / width, and the window argument is (bin - pos): minus sign
-        w *= -1.0 / (self.mwidth * self.n)
-        inside = (m > self.mlo) & (m < self.mlo + self.mwidth * (self.bins - 1))
-        w[~inside] = 0.0
-        wg = (w[:, None] * voxel_gradient) @ self.inv_lin
-        slopes = np.concatenate([wg.sum(axis=0)[:, None], wg.T @ self.level.points], axis=1)
-        return -mi, -slopes
+        terms = kernels.mattes_terms if self.compiled else mattes_terms_numpy
+        mi, sums = terms(
+            m, voxel_gradient, self.fbin, self.mlo, self.mwidth, self.bins, self.level.points
+        )
+        # world-space image gradient: dI/dy = dI/dv @ inv_lin
+        return -mi, -(self.inv_lin.T @ sums)
+
+
+def mattes_terms_numpy(moving, slopes, fixed_bins, low, width, bins, points):
+    """numpy twin of :func:`nidask.ops.kernels.mattes_terms`."""
+    mbins = bins + 4
+    n = len(moving)
+    # two padding bins on each side hold the B-spline window's tails
+    pos = np.clip((moving - low) / width, 0, bins - 1) + 2
+    first = np.floor(pos).astype(np.intp) - 1
+    rows = fixed_bins * mbins
+    joint = np.zeros(bins * mbins)
+    for k in range(4):
+        joint += np.bincount(
+            rows + first + k, weights=_cubic_bspline(first + k - pos), minlength=joint.size
+        )
+    joint = joint.reshape(bins, mbins) / n
+    pf = joint.sum(axis=1)
+    pm = joint.sum(axis=0)
+    nz = joint > 0
+    outer = np.outer(pf, pm)
+    mi = float(np.sum(joint[nz] * np.log(joint[nz] / outer[nz])))
+    log_ratio = np.zeros_like(joint)
+    log_ratio[nz] = np.log(joint[nz] / pm[np.nonzero(nz)[1]])
+    log_ratio = log_ratio.ravel()
+    w = np.zeros(n)
+    for k in range(4):
+        w += _cubic_bspline_derivative(first + k - pos) * log_ratio[rows + first + k]
+    # d pos / d m = 1 / width, and the window argument is (bin - pos): minus sign
+    w *= -1.0 / (width * n)
+    w[~((moving > low) & (moving < low + width * (bins - 1)))] = 0.0
+    weighted = w[:, None] * slopes
+    return mi, np.concatenate([weighted.sum(axis=0)[:, None], weighted.T @ points], axis=1)
 
 
 METRICS = ("ncc", "mi")
