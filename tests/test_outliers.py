@@ -86,6 +86,19 @@ def test_the_cli_flags_exactly_the_dropped_slices(cli_run):
         assert _found(json.load(f)) == sorted(DROPPED)
 
 
+def test_flagging_scores_the_last_pass_only(series, tmp_path):
+    # flagged outliers change nothing before the end: earlier passes are not scored
+    _, dropped, _ = series
+    work = tmp_path / "two-passes"
+    with nidask.load(dropped.image, **dropped.companions) as dwi:
+        estimator = nidask.Estimator(outliers="flag", passes=2, tolerance=0.0)
+        estimator.run(dwi, workdir=work)
+    assert [entry["pass"] for entry in estimator.report["passes"]] == [0, 1, 2]
+    assert not (work / "pass-1" / outliers.RECORD).exists()
+    assert (work / "pass-2" / outliers.RECORD).exists()
+    assert set(DROPPED) <= set(_found(estimator.report))  # the last pass's outliers
+
+
 def _slice_region(matrix, affine, shape3d, k, brain):
     """Reference-frame brain voxels that the motion ``matrix`` puts in slice ``k``."""
     index = np.indices(shape3d).reshape(3, -1)

@@ -402,9 +402,10 @@ class Estimator:
         the corrected series and in the next pass's training data, and leaves them
         out of that pass's registrations.  ``"flag"`` is the default: it changes no
         estimate, and eddy reports outliers whether or not it replaces them.  With
-        passes it reuses their predictions (the scoring itself: 0.06 s per volume at
-        89 x 118 x 65); a run without a pass after the b=0 anchor (the default on
-        sparse shells) predicts once more to score: 0.15 s per volume there, 12 %
+        passes it scores the last pass's predictions (the scoring itself: 0.06 s per
+        volume at 89 x 118 x 65); with ``"replace"`` every pass is scored; a run
+        without a pass after the b=0 anchor (the default on sparse shells) predicts
+        once more to score: 0.15 s per volume there, 12 %
         more than the anchor alone (docs/benchmarks.md, "Outlier slices").
         PET and BOLD series are not scored.
     slice_axis : int
@@ -562,7 +563,7 @@ class Estimator:
                     training = outlier_slices.training_series(self, whole, run, p)
                     predictions, _ = self._predict(training, run, p, model, previous)
                     left_out = outlier_slices.score_pass(
-                        self, whole, run, p, predictions, previous
+                        self, whole, run, p, predictions, previous, p == self.pass_count(False)
                     )
                     registration = registrations[min(p, len(registrations)) - 1]
                     folds = order
@@ -710,7 +711,9 @@ class Estimator:
                 model = models[min(p + 1, len(models)) - 1]
                 training = outlier_slices.training_series(self, whole, run, p)
                 predictions, _ = self._predict(training, run, p, model, previous)
-                left_out = outlier_slices.score_pass(self, whole, run, p, predictions, previous)
+                left_out = outlier_slices.score_pass(
+                    self, whole, run, p, predictions, previous, p == passes
+                )
                 registration = registrations[min(p + 1, len(registrations)) - 1]
                 raw = self._register(
                     whole, run, p, predictions, registration, folds, previous, left_out

@@ -520,14 +520,19 @@ def training_series(estimator, whole, run, p: int):
     return whole if record is None else record.apply(whole)
 
 
-def score_pass(estimator, whole, run, p: int, predictions: str, previous):
+def score_pass(estimator, whole, run, p: int, predictions: str, previous, last: bool):
     """Score pass ``p``'s predictions (made from data corrected by ``previous``).
 
     Returns the record when its slices are to be left out of the pass's
     registrations (``outliers="replace"``), else ``None``.  A pass whose training
-    data were not corrected (``previous`` is ``None``) is not scored.
+    data were not corrected (``previous`` is ``None``) is not scored, nor, with
+    ``outliers="flag"``, a pass before the ``last`` one planned: only the last pass's
+    outliers are reported (a run that stops earlier scores its own last pass in
+    :func:`final_record`).
     """
     if estimator.outliers == "off" or previous is None or not scorable(whole):
+        return None
+    if estimator.outliers == "flag" and not last:
         return None
     meta = whole.volume_meta()
     record = score_round(
@@ -566,7 +571,7 @@ def final_record(estimator, whole, run, models, estimates, last_pass: int, ancho
         model = models[min(p + int(anchored), len(models)) - 1]
         training = training_series(estimator, whole, run, p)
         predictions, _ = estimator._predict(training, run, p, model, estimates)
-        score_pass(estimator, whole, run, p, predictions, estimates)
+        score_pass(estimator, whole, run, p, predictions, estimates, last=True)
         if not estimator.keep_work:
             discard(os.path.join(folder, name) for name in ROUND_ARRAYS)
     return OutlierRecord.load(folder)
