@@ -81,7 +81,7 @@ def run(dataset, workdir, mode):
 def pick_slices(anatomy, bvals, count, rng):
     """``count`` (volume, slice) pairs: distinct diffusion-weighted volumes, slices with
     at least 1000 brain voxels, away from the grid's faces (which are not scored)."""
-    from nidask.estimation.outliers import EDGE_MARGIN_MM
+    from nidask.geometry import EDGE_MARGIN_MM
 
     per_slice = anatomy.mask.sum(axis=(0, 1))
     margin = int(np.ceil(EDGE_MARGIN_MM / np.linalg.norm(anatomy.affine[:3, 2])))

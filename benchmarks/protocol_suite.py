@@ -71,8 +71,9 @@ def package_file(package: str, *parts: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)), *parts)
 
 
-def load_anatomy(work: Path):
-    """heudiconv's DICOMs through dcm2niix, as :func:`nidask.validation.phantom.real_anatomy`."""
+def load_anatomy(work: Path, **grid):
+    """heudiconv's DICOMs through dcm2niix, as :func:`nidask.validation.phantom.real_anatomy`
+    (``grid``: its ``zooms`` and ``shape3d``)."""
     import nibabel as nb
 
     from nidask.validation import phantom
@@ -90,7 +91,7 @@ def load_anatomy(work: Path):
     data = np.asarray(image.dataobj, dtype=np.float64)
     b0 = data[..., bvals < 50].mean(axis=-1)
     weighted = np.flatnonzero(bvals >= 50)[0]
-    return phantom.real_anatomy(b0, data[..., weighted], bvals[weighted], image.affine)
+    return phantom.real_anatomy(b0, data[..., weighted], bvals[weighted], image.affine, **grid)
 
 
 def protocol_motion(kind: str, n: int, anatomy, rng) -> np.ndarray:

@@ -214,7 +214,7 @@ def test_sweep_predicts_every_fold_without_copies(small_dwi, tmp_path):
     whole = dwi.whole_series()
     assert isinstance(predictions, np.memmap) and predictions.shape[1] == len(whole)
     mask = np.load(tmp_path / "sweep" / "mask.npy")
-    grown = nidask.estimation.estimator.grow_mask(mask)
+    grown = nidask.estimation.lofo.grow_mask(mask)
     data = whole.dataobj.compute().astype(np.float64)
     data = data.reshape(-1, len(whole), order="F")[nidask.estimation.lofo.mask_index(grown)]
     for shell in (whole.bvals == 0, whole.bvals > 0):  # b=0 and one shell
@@ -312,7 +312,7 @@ def test_voxel_covariates_are_in_the_voxel_order_of_the_data(multishell, tmp_pat
     _, dwi = multishell
     predictions = Estimator(model="b0").sweep(dwi, workdir=tmp_path / "sweep")
     mask = np.load(tmp_path / "sweep" / "mask.npy")
-    rows = nidask.estimation.lofo.mask_index(nidask.estimation.estimator.grow_mask(mask))
+    rows = nidask.estimation.lofo.mask_index(nidask.estimation.lofo.grow_mask(mask))
     bzero = dwi.bzero.compute().ravel(order="F")[rows]
     for fold in (0, 7, predictions.shape[1] - 1):
         np.testing.assert_allclose(predictions[:, fold], bzero, rtol=1e-6)

@@ -345,6 +345,41 @@ def test_schedulers_agree():
     np.testing.assert_array_equal(results["processes"], results["synchronous"])
 
 
+@pytest.mark.parametrize("kernel", ["compiled", "scipy"])
+def test_a_box_interpolates_only_inside_it_as_the_whole_volume_does(kernel):
+    """Inside the box the values of the whole resampled volume (the input read only
+    around what the box samples), outside it ``cval``."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    shape = (60, 64, 56)
+    volume = ndimage.gaussian_filter(rng.random(shape), 1.5).astype(np.float32) * SCALE
+    series = da.from_array(np.stack([volume, volume[::-1]], axis=-1), chunks=(-1, -1, -1, 1))
+    motions = np.stack([_rigid([2.0, -1.0, 3.0], [1.2, -0.8, 2.1]), np.eye(4)])
+    box = (slice(18, 40), slice(20, 45), slice(15, 38))
+    config = {"nidask.kernels": "scipy"} if kernel == "scipy" else {}
+    with dask.config.set(config):
+        whole = resample_series(series, AFFINE, motions, order=3).compute()
+        boxed = resample_series(series, AFFINE, motions, order=3, cval=-1.0, box=box)
+        boxed = boxed.compute()
+    np.testing.assert_allclose(boxed[box], whole[box], rtol=0, atol=1e-5 * SCALE)
+    outside = np.ones(shape, bool)
+    outside[box] = False
+    assert np.all(boxed[outside] == -1.0)
+    single = resample_volume(volume, voxel_matrices(AFFINE, motions)[0], box=box)
+    assert np.all(single[outside] == 0.0)
+    np.testing.assert_allclose(single[box], boxed[..., 0][box], rtol=0, atol=1e-5 * SCALE)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [(slice(0, 4),), (slice(3, 3), slice(None), slice(None)), (slice(0, 9, 2),) * 3, "box"],
+)
+def test_box_errors(bad):
+    with pytest.raises(InputError, match="box"):
+        resample_series(da.zeros((8, 8, 8, 2), chunks=(8, 8, 8, 1)), AFFINE, MOTIONS[:2], box=bad)
+
+
 def test_no_motion_is_a_cast():
     data = np.round(_series(2)).astype(np.int16)
     out = resample_series(da.from_array(data, chunks=(-1, -1, -1, 1)), AFFINE, None)

@@ -29,6 +29,7 @@ from conftest import (
     write_nifti,
 )
 from nidask.data.base import take_volumes
+from nidask.io import deflate
 from nidask.io.nifti import header_bytes, make_header
 from nidask.io.sources import (
     GzipNiftiSource,
@@ -338,15 +339,15 @@ def test_unscaled_int16_stays_int16(suffix, tmp_path):
 # -- gzip decompressed once -------------------------------------------------------------
 def test_gzip_decompressed_once(source_files, cache, monkeypatch):
     calls = []
-    real_open = gzip.open
+    real_open = deflate.open_gzip
 
-    def counting_open(*args, **kwargs):
-        calls.append(args[0] if args else kwargs.get("filename"))
-        return real_open(*args, **kwargs)
+    def counting_open(path):
+        calls.append(path)
+        return real_open(path)
 
     source = GzipNiftiSource(source_files["nii.gz"], cache.new_path(".nii"))
     expected = reference_data(source_files["nii.gz"], "nii.gz")
-    monkeypatch.setattr(gzip, "open", counting_open)
+    monkeypatch.setattr(deflate, "open_gzip", counting_open)
     per_volume = math.prod(SHAPE3D) * source.dtype.itemsize
     with dask.config.set({"nidask.chunk-size": per_volume}):
         array = source.to_dask()  # 10 chunks, read by parallel threads

@@ -37,6 +37,10 @@ from nidask.errors import InputError
 #: registration's parameter scaling, the estimator's changes (a head's, as in Power
 #: et al., 2012).
 HEAD_RADIUS_MM = 50.0
+#: Voxels closer than this (mm) to a grid's faces are left out of registration and
+#: outlier scoring: anatomy there moves in and out of the field of view, and what is
+#: sampled beyond the grid is made up (a BOLD slab's first and last slices).
+EDGE_MARGIN_MM = 4.0
 
 __all__ = [
     "PHASE_ENCODINGS",
@@ -51,6 +55,7 @@ __all__ = [
     "fov_center",
     "fsl_to_ras",
     "framewise_displacement",
+    "inner_grid",
     "motion_parameters",
     "motion_table",
     "ras_to_fsl",
@@ -333,6 +338,26 @@ def fov_center(affine: ArrayLike, shape: Sequence[int]) -> np.ndarray:
     aff = np.asarray(affine, dtype=np.float64)
     ijk = (np.asarray(shape[:3], dtype=np.float64) - 1.0) / 2.0
     return aff[:3, :3] @ ijk + aff[:3, 3]
+
+
+def inner_grid(affine: ArrayLike, shape: Sequence[int], margin_mm: float = EDGE_MARGIN_MM):
+    """The voxels of a grid at least ``margin_mm`` from its faces (a boolean array).
+
+    At most a quarter of an axis is cut from each of its ends, so a small grid keeps
+    its middle.
+
+    >>> inner = inner_grid(np.eye(4) * 2, (20, 20, 8), 4.0)
+    >>> inner.shape, int(inner.sum()), bool(inner[1, 10, 4]), bool(inner[2, 10, 4])
+    ((20, 20, 8), 1536, False, True)
+    """
+    zooms = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    shape = tuple(int(v) for v in shape[:3])
+    cut = [
+        min(int(np.ceil(margin_mm / z)), (s - 1) // 4) for z, s in zip(zooms, shape, strict=True)
+    ]
+    inner = np.zeros(shape, dtype=bool)
+    inner[tuple(slice(c, s - c) for c, s in zip(cut, shape, strict=True))] = True
+    return inner
 
 
 def motion_parameters(

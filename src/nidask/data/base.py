@@ -309,18 +309,26 @@ class BaseDataset:
             self.motion_affines = np.tile(np.eye(4), (len(self), 1, 1))
         self.motion_affines[position] = matrix
 
-    def resampled(self, order: int = 3, mode: str = "constant", cval: float = 0.0):
+    def resampled(self, order: int = 3, mode: str = "constant", cval: float = 0.0, box=None):
         """A dataset of the same type with every volume resampled by its motion matrix.
 
         The result's ``dataobj`` is a deferred float32 graph (one task per block of
         volumes) and its ``motion_affines`` is ``None`` (motion already applied).
-        Without motion matrices the data are only cast to float32.
+        Without motion matrices the data are only cast to float32.  ``box`` (three
+        slices) interpolates only the voxels inside it, the others are ``cval``
+        (:func:`nidask.ops.resample.resample_series`).
         """
         from nidask.ops.resample import check_order, resample_series
 
         order = check_order(order)
         data = resample_series(
-            self.dataobj, self.affine, self.motion_affines, order=order, mode=mode, cval=cval
+            self.dataobj,
+            self.affine,
+            self.motion_affines,
+            order=order,
+            mode=mode,
+            cval=cval,
+            box=box,
         )
         fields = self._resampled_fields(order, mode, cval)
         return attrs.evolve(self, dataobj=data, motion_affines=None, **fields)

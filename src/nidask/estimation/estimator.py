@@ -59,7 +59,9 @@ from nidask.estimation.frames import (
     tie_frames,
 )
 from nidask.estimation.lofo import (
+    bounding_box,
     fold_order,
+    grow_mask,
     mask_index,
     read_column,
     scatter,
@@ -68,7 +70,7 @@ from nidask.estimation.lofo import (
 )
 from nidask.estimation.models import frame_groups, get_model
 from nidask.estimation.registration import RigidRegistration, get_registration
-from nidask.geometry import HEAD_RADIUS_MM, fov_center, rigid_params
+from nidask.geometry import EDGE_MARGIN_MM, HEAD_RADIUS_MM, fov_center, inner_grid, rigid_params
 from nidask.io.cache import atomic_output, discard, remove_stale_temporaries, save_array
 from nidask.io.npy import NpyFile, write_vector
 from nidask.io.sources import NpySource
@@ -98,8 +100,6 @@ UNANCHORED_PASSES, ANCHORED_PASSES = 4, 2
 #: and level or better with 90; on a smooth phantom, whose mutual information holds
 #: rotations loosely, they halved the rotation error.
 DENSE_SHELL = 60
-#: Registration ignores voxels this close to the grid's faces (see away_from_edges).
-EDGE_MARGIN_MM = 4.0
 #: Fields of view below these are estimated but flagged ``small_fov``.
 SMALL_AXIS, SMALL_EXTENT_MM, SMALL_MASK = 24, 60.0, 10000
 
@@ -131,14 +131,17 @@ def _save_json(path: str, value) -> None:
         json.dump(value, f, indent=1)
 
 
-def prediction_weights(residuals: str, group: int, mask: np.ndarray) -> np.ndarray:
+def prediction_weights(
+    residuals: str, group: int, mask: np.ndarray, grown: np.ndarray | None = None
+) -> np.ndarray:
     """Registration weights from a group's leave-one-out residual variance.
 
     ``1 / (variance + its median in the mask)`` inside the mask, 0 outside: voxels
     the model predicts poorly (white matter whose contrast changes with direction,
-    at high b-values) count less than those it predicts to the noise.
+    at high b-values) count less than those it predicts to the noise.  ``grown`` is
+    ``grow_mask(mask)``, where the residuals are (computed when not given).
     """
-    grown = grow_mask(mask)
+    grown = grow_mask(mask) if grown is None else grown
     variance = scatter(read_column(residuals, group), grown)
     floor = max(float(np.median(variance[mask])), 1e-12)
     return np.where(mask, 1.0 / (variance + floor), 0.0).astype(np.float32)
@@ -147,7 +150,7 @@ def prediction_weights(residuals: str, group: int, mask: np.ndarray) -> np.ndarr
 def register_fold(
     volumes: str,
     predictions: str,
-    mask_path: str,
+    masks: tuple[str, str],
     fold: int,
     affine: np.ndarray,
     registration,
@@ -157,17 +160,18 @@ def register_fold(
 ) -> np.ndarray:
     """Register observed volume ``fold`` to its prediction and record the matrix.
 
-    Runs inside a task: every input is read by path.  ``weights`` is a
+    Runs inside a task: every input is read by path, ``masks`` being the brain
+    mask's and :func:`grow_mask`'s (``.npy``).  ``weights`` is a
     ``(residuals.npy, group column)`` pair (see :func:`prediction_weights`).
     Beside the matrix (``record``) a ``.json`` holds the registration's quality,
     when it reports one.
     """
-    mask = np.load(mask_path)
-    fixed = scatter(read_column(predictions, fold), grow_mask(mask))
+    mask, grown = (np.load(path) for path in masks)
+    fixed = scatter(read_column(predictions, fold), grown)
     moving = read_volume(volumes, fold)
     inner = away_from_edges(mask, affine)
     if weights is not None:
-        mask = prediction_weights(weights[0], weights[1], mask) * inner
+        mask = prediction_weights(weights[0], weights[1], mask, grown) * inner
     else:
         mask = inner
     report = getattr(registration, "register", None)
@@ -182,33 +186,15 @@ def register_fold(
 
 
 def away_from_edges(mask: np.ndarray, affine, margin_mm: float = EDGE_MARGIN_MM) -> np.ndarray:
-    """``mask`` without the voxels within ``margin_mm`` of the grid's faces.
-
-    Anatomy there moves in and out of the field of view (a BOLD slab's first and
-    last slices): what is sampled beyond the grid is made up, and biases the
-    registration.  A mask that would lose most of its voxels is kept whole.
+    """``mask`` without the voxels within ``margin_mm`` of the grid's faces
+    (:func:`nidask.geometry.inner_grid`); a mask that would lose most of its voxels
+    is kept whole.
 
     >>> int(away_from_edges(np.ones((20, 20, 20), bool), np.eye(4) * 2, 4.0).sum())
     4096
     """
-    zooms = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
-    inner = np.zeros(mask.shape, dtype=bool)
-    cut = [
-        min(int(np.ceil(margin_mm / z)), (s - 1) // 4)
-        for z, s in zip(zooms, mask.shape, strict=True)
-    ]
-    inner[tuple(slice(c, s - c) for c, s in zip(cut, mask.shape, strict=True))] = True
-    kept = mask & inner
+    kept = mask & inner_grid(affine, mask.shape, margin_mm)
     return kept if kept.sum() >= mask.sum() / 2 else mask
-
-
-def grow_mask(mask: np.ndarray, voxels: int = 4) -> np.ndarray:
-    """The mask dilated by ``voxels``: where models predict.
-
-    Registration smooths and interpolates the prediction near the brain's edge;
-    predicting a margin around the mask keeps zeros out of those samples.
-    """
-    return ndimage.binary_dilation(mask, iterations=voxels)
 
 
 def _add_volume_sum(total: np.ndarray | None, source, start: int, stop: int) -> np.ndarray:
@@ -306,6 +292,7 @@ class _Run:
     raw: str
     mask: np.ndarray
     mask_path: str
+    grown_path: str  # grow_mask(mask): where the models predict
     voxel_meta: dict
     flags: tuple[str, ...]
     groups: np.ndarray
@@ -710,7 +697,9 @@ class Estimator:
                 # the model and the finer registration of later passes
                 model = models[min(p + 1, len(models)) - 1]
                 training = outlier_slices.training_series(self, whole, run, p)
-                predictions, _ = self._predict(training, run, p, model, previous)
+                # the models read the grown mask only (no frame tie reads the rest)
+                box = bounding_box(np.load(run.grown_path))
+                predictions, _ = self._predict(training, run, p, model, previous, box)
                 left_out = outlier_slices.score_pass(
                     self, whole, run, p, predictions, previous, p == passes
                 )
@@ -785,6 +774,9 @@ class Estimator:
                 mask = default_mask(raw, dataset.shape3d)
             save_array(mask_path, np.asarray(mask, dtype=bool))
         mask = np.load(mask_path)
+        grown_path = os.path.join(workdir, "grown.npy")
+        if not os.path.exists(grown_path):
+            save_array(grown_path, grow_mask(mask))
         interior = os.path.join(workdir, "interior.npy")
         if not os.path.exists(interior):
             save_array(interior, interior_rows(mean_volume(raw), mask))
@@ -801,7 +793,9 @@ class Estimator:
                 write_vector(path, values)
 
             voxel_meta[name] = self._step(os.path.join(workdir, f"{name}.npy"), write_image)
-        return _Run(workdir, raw, mask, mask_path, voxel_meta, tuple(flags), groups, interior)
+        return _Run(
+            workdir, raw, mask, mask_path, grown_path, voxel_meta, tuple(flags), groups, interior
+        )
 
     def _write_data(self, dataset, path: str) -> str:
         """The series' volumes at ``path`` (volume-contiguous ``.npy``), unless recorded.
@@ -819,13 +813,17 @@ class Estimator:
                 produce(temp)
         return path
 
-    def _predict(self, dataset, run: _Run, p: int, model, previous):
-        """Pass ``p``'s fold predictions (training data corrected by ``previous``)."""
+    def _predict(self, dataset, run: _Run, p: int, model, previous, box=None):
+        """Pass ``p``'s fold predictions (training data corrected by ``previous``).
+
+        ``box``: resample the training data only there (the rest is not read).
+        """
         folder = os.path.join(run.workdir, f"pass-{p}")
         os.makedirs(folder, exist_ok=True)
         training, source = run.raw, dataset
         if previous is not None:
-            source = dataset.with_whole_motion(previous).resampled(order=self.resample_order)
+            moved = dataset.with_whole_motion(previous)
+            source = moved.resampled(order=self.resample_order, box=box)
             training = self._write_data(source, os.path.join(folder, "corrected.npy"))
         meta = source.volume_meta()  # b-vectors rotated with the previous estimates
         voxels = self._step(
@@ -872,7 +870,7 @@ class Estimator:
             dask.delayed(register_fold, pure=False)(
                 run.raw,
                 predictions,
-                run.mask_path,
+                (run.mask_path, run.grown_path),
                 i,
                 dataset.affine,
                 registration if left_out is None else left_out.registration(registration, i),

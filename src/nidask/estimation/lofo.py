@@ -16,6 +16,7 @@ import math
 
 import dask
 import numpy as np
+from scipy import ndimage
 
 from nidask.config import chunk_bytes
 from nidask.errors import InputError
@@ -24,6 +25,30 @@ from nidask.io.npy import NpyFile
 from nidask.progress import compute
 
 FOLD_ORDERS = ("sequential", "reverse", "random", "bvalue")
+#: Voxels by which the brain mask is grown where models predict (:func:`grow_mask`).
+GROWN_BY = 4
+
+
+def grow_mask(mask: np.ndarray, voxels: int = GROWN_BY) -> np.ndarray:
+    """The mask dilated by ``voxels``: where models predict.
+
+    Registration smooths and interpolates the prediction near the brain's edge;
+    predicting a margin around the mask keeps zeros out of those samples.
+    """
+    return ndimage.binary_dilation(mask, iterations=voxels)
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """The smallest box (three slices) holding every voxel of ``mask`` (``None``: empty).
+
+    >>> mask = np.zeros((5, 6, 7), bool); mask[1:3, 2, 4:6] = True
+    >>> bounding_box(mask)
+    (slice(1, 3, None), slice(2, 3, None), slice(4, 6, None))
+    """
+    nonzero = np.nonzero(mask)
+    if nonzero[0].size == 0:
+        return None
+    return tuple(slice(int(v.min()), int(v.max()) + 1) for v in nonzero)
 
 
 def fold_order(n: int, order: str = "sequential", seed: int = 0, bvals=None) -> np.ndarray:

@@ -43,7 +43,8 @@ from scipy import ndimage
 
 from nidask.config import b0_threshold, chunk_bytes
 from nidask.errors import InputError
-from nidask.estimation.lofo import mask_index, read_column, scatter
+from nidask.estimation.lofo import bounding_box, grow_mask, mask_index, read_column, scatter
+from nidask.geometry import inner_grid
 from nidask.io.cache import atomic_output, discard, save_array
 from nidask.io.npy import NpyFile
 from nidask.ops.resample import resample_volume
@@ -59,10 +60,6 @@ MIN_SLICE_VOXELS = 250
 SCALE_FLOOR = 0.005
 #: A scoring round's record and its replacement slices, in the pass folder.
 RECORD, REPLACEMENTS = "outliers.json", "outliers.npy"
-#: Voxels this close to the grid's faces (mm) are not scored.
-EDGE_MARGIN_MM = 4.0
-#: Dilation of the brain mask (voxels) where the models predict (the estimator's).
-GROWN_BY = 4
 #: A pass's intermediate arrays (removed after a scoring-only round, unless keep_work).
 ROUND_ARRAYS = ("corrected.npy", "voxels.npy", "predictions.npy", "residuals.npy")
 
@@ -81,47 +78,27 @@ def check_axis(axis) -> int:
     return int(axis)
 
 
-def _grown(mask: np.ndarray) -> np.ndarray:
-    return ndimage.binary_dilation(mask, iterations=GROWN_BY)
-
-
-def _inner(shape3d, affine, margin_mm: float = EDGE_MARGIN_MM) -> np.ndarray:
-    """The grid without its voxels within ``margin_mm`` of a face.
-
-    Near a face the training volumes, moved, were sampled partly outside their grid:
-    their prediction there is made up.
-    """
-    zooms = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
-    cut = [int(np.ceil(margin_mm / z)) for z in zooms]
-    inner = np.zeros(shape3d, dtype=bool)
-    inner[tuple(slice(c, s - c) for c, s in zip(cut, shape3d, strict=True))] = True
-    return inner
-
-
-def _acquired(volume: np.ndarray, affine, matrix, order: int) -> np.ndarray:
-    """A reference-frame volume in the acquired frame of a volume with motion ``matrix``."""
+def _acquired(volume: np.ndarray, affine, matrix, order: int, box=None) -> np.ndarray:
+    """A reference-frame volume in the acquired frame of a volume with motion ``matrix``
+    (only inside ``box``, if given)."""
     affine = np.asarray(affine, dtype=float)
     voxel = np.linalg.inv(affine) @ np.linalg.inv(matrix) @ affine
-    return resample_volume(volume, voxel, order=order)
+    return resample_volume(volume, voxel, order=order, box=box)
 
 
 def scoring_masks(mask_path: str, affine) -> tuple[np.ndarray, np.ndarray]:
     """Task: the grown mask (where the model predicts) and the voxels scored (the brain
     away from the grid's faces), in the reference frame."""
     mask = np.load(mask_path)
-    return _grown(mask), mask & _inner(mask.shape, affine)
+    return grow_mask(mask), mask & inner_grid(affine, mask.shape)
 
 
-def _predicted(volumes, predictions, masks, fold, affine, matrix):
-    """Observed volume ``fold``, its prediction, the voxels scored and those predicted,
-    all in the volume's acquired frame."""
-    grown, scored = masks
-    prediction = _acquired(scatter(read_column(predictions, fold), grown), affine, matrix, 3)
-    # the brain's edge is partial volume, which interpolation blurs differently
-    brain = ndimage.binary_erosion(_acquired(scored, affine, matrix, 1) > 0.5)
-    inside = _acquired(grown, affine, matrix, 1) >= 0.99
-    observed = NpyFile.open(volumes).read_volume(fold)
-    return observed, prediction, brain, inside
+def _predicted(volumes, predictions, masks, fold, affine, matrix, where):
+    """Observed volume ``fold`` and its prediction, in the volume's acquired frame; the
+    prediction only in the box around ``where`` (the voxels read)."""
+    predicted = scatter(read_column(predictions, fold), masks[0])
+    prediction = _acquired(predicted, affine, matrix, 3, bounding_box(where))
+    return NpyFile.open(volumes).read_volume(fold), prediction
 
 
 def slice_statistics(volumes, predictions, masks, fold, affine, matrix, axis) -> np.ndarray:
@@ -130,7 +107,9 @@ def slice_statistics(volumes, predictions, masks, fold, affine, matrix, axis) ->
     Returns an (n_slices, 3) float64 array; the series and predictions are read by
     path, ``masks`` come from :func:`scoring_masks`.
     """
-    observed, prediction, brain, _ = _predicted(volumes, predictions, masks, fold, affine, matrix)
+    # the brain's edge is partial volume, which interpolation blurs differently
+    brain = ndimage.binary_erosion(_acquired(masks[1], affine, matrix, 1) > 0.5)
+    observed, prediction = _predicted(volumes, predictions, masks, fold, affine, matrix, brain)
     other = tuple(a for a in range(3) if a != axis)
     residual = np.where(brain, observed - prediction, 0.0)
     return np.stack(
@@ -149,7 +128,8 @@ def replacement_slices(volumes, predictions, masks, fold, affine, matrix, axis, 
     Inside the grown brain mask (moved with the volume) the prediction, outside the
     observed values: an (len(slices), ...) float32 array of in-plane slices.
     """
-    observed, prediction, _, inside = _predicted(volumes, predictions, masks, fold, affine, matrix)
+    inside = _acquired(masks[0], affine, matrix, 1) >= 0.99  # predicted, moved with the volume
+    observed, prediction = _predicted(volumes, predictions, masks, fold, affine, matrix, inside)
     replaced = np.where(inside, prediction, observed)
     return np.stack([np.take(replaced, int(k), axis=axis) for k in slices]).astype(np.float32)
 
@@ -237,7 +217,7 @@ def shell_cnr(voxels: str, predictions: str, mask: np.ndarray, columns, progress
     ``voxels`` and ``predictions`` are a pass's voxel-major training data and fold
     predictions (rows: the grown mask); ``columns`` the volumes of each shell.
     """
-    inside_all = np.asarray(mask).ravel(order="F")[mask_index(_grown(mask))]
+    inside_all = np.asarray(mask).ravel(order="F")[mask_index(grow_mask(mask))]
     n_rows, n = NpyFile.open(voxels).shape
     rows = max(1, chunk_bytes() // (8 * 4 * max(n, 1)))
     tasks = [

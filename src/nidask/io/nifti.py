@@ -15,20 +15,18 @@ import io
 import math
 import os
 import shutil
-import zlib
 
 import dask.array as da
 import nibabel as nb
 import numpy as np
 
+from nidask.io import deflate
 from nidask.io.cache import atomic_output, final_name
 from nidask.io.files import presize
 from nidask.io.store import check_whole_volumes, store, store_volumes, write_blocks
 
 HEADER_BYTES = 352
 COMPRESS_STEP = 8 * 2**20
-#: nibabel's default compression level for .nii.gz
-COMPRESS_LEVEL = 1
 
 
 def is_gzip_name(filename) -> bool:
@@ -81,11 +79,10 @@ class GzipMemberTarget:
     replaces its member atomically.
     """
 
-    def __init__(self, directory: str, shape, dtype, level: int = COMPRESS_LEVEL):
+    def __init__(self, directory: str, shape, dtype):
         self.directory = directory
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
-        self.level = level
 
     def member_path(self, start: int) -> str:
         return os.path.join(self.directory, f"{start:09d}.gz")
@@ -96,7 +93,7 @@ class GzipMemberTarget:
         raw = memoryview(block.T.data).cast("B") if block.size else memoryview(b"")
         final = self.member_path(start)
         partial = final + ".part"
-        compressor = zlib.compressobj(self.level, zlib.DEFLATED, 31)
+        compressor = deflate.compressobj()
         with open(partial, "wb") as f:
             for offset in range(0, raw.nbytes, COMPRESS_STEP):
                 f.write(compressor.compress(raw[offset : offset + COMPRESS_STEP]))
@@ -134,7 +131,7 @@ def write_nifti_file(
         label = f"compressing {final_name(path)}"
         store(write_blocks(array), target, label=label, progress=progress)
         with open(path, "wb") as out:
-            out.write(zlib.compress(head, COMPRESS_LEVEL, wbits=31))
+            out.write(deflate.compress(head))
             for member in target.members():
                 with open(member, "rb") as part:
                     shutil.copyfileobj(part, out, 16 * 2**20)

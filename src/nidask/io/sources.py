@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import gzip
 import math
 import operator
 import os
 import shutil
 import weakref
-import zlib
 
 import dask.array as da
 import h5py
@@ -32,6 +30,7 @@ from nibabel.spatialimages import HeaderDataError, HeaderTypeError, ImageDataErr
 from nidask.config import volume_chunks, volumes_per_chunk
 from nidask.errors import InputError
 from nidask.geometry import check_affine
+from nidask.io import deflate
 from nidask.io.files import check_readable  # noqa: F401  (re-exported)
 from nidask.io.npy import read_npy_header
 
@@ -44,7 +43,7 @@ FILE_ERRORS = (
     EOFError,
     ValueError,
     OverflowError,
-    zlib.error,
+    *deflate.ERRORS,
     ImageFileError,
     HeaderDataError,
     HeaderTypeError,
@@ -427,11 +426,11 @@ class GzipNiftiSource(NiftiSource):
         """Decompress the file into ``data_path`` through a ``.part`` file (under the lock)."""
         partial = self.data_path + ".part"
         try:
-            with gzip.open(self.path, "rb") as src, open(partial, "wb") as dst:
+            with deflate.open_gzip(self.path) as src, open(partial, "wb") as dst:
                 shutil.copyfileobj(src, dst, COPY_BLOCK)
             self._check_size(partial)
             os.replace(partial, self.data_path)
-        except (OSError, EOFError, zlib.error, InputError) as exc:
+        except (*deflate.ERRORS, InputError) as exc:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(partial)
             if isinstance(exc, InputError):

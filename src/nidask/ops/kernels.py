@@ -70,7 +70,8 @@ _BUILD_LOCK = threading.Lock()
 
 @functools.cache
 def _mirror_kernel():
-    """Compiled mirror extension of a grid index (scipy's ``mode="mirror"``)."""
+    """Compiled mirror extension of a grid index (scipy's ``mode="mirror"``), and of
+    the four indices of a cubic B-spline's support: ``(mirror, indices)``."""
     import numba
 
     @numba.njit(nogil=True, cache=False, inline="always")
@@ -83,7 +84,18 @@ def _mirror_kernel():
         index = index % period
         return period - index if index >= n else index
 
-    return _mirror
+    @numba.njit(nogil=True, cache=False, inline="always")
+    def _indices(first, n, indices):  # pragma: no cover - compiled
+        """The four coefficient indices ``first - 1 .. first + 2``, mirrored at the edges
+        (the modulo only where the support leaves the grid)."""
+        if first >= 1 and first + 2 < n:
+            for a in range(4):
+                indices[a] = first - 1 + a
+        else:
+            for a in range(4):
+                indices[a] = _mirror(first - 1 + a, n)
+
+    return _mirror, _indices
 
 
 @functools.cache
@@ -107,7 +119,7 @@ def _build():
         c11 = volume[x0, y1, z1] * (1 - fx) + volume[x1, y1, z1] * fx
         return (c00 * (1 - fy) + c10 * fy) * (1 - fz) + (c01 * (1 - fy) + c11 * fy) * fz
 
-    _mirror = _mirror_kernel()
+    _indices = _mirror_kernel()[1]
 
     @numba.njit(nogil=True, cache=False, inline="always")
     def _support(c, n, weights, indices):  # pragma: no cover - compiled
@@ -120,8 +132,7 @@ def _build():
         weights[1] = (3.0 * t3 - 6.0 * t2 + 4.0) / 6.0
         weights[2] = (-3.0 * t3 + 3.0 * t2 + 3.0 * t + 1.0) / 6.0
         weights[3] = t3 / 6.0
-        for a in range(4):
-            indices[a] = _mirror(int(f) - 1 + a, n)
+        _indices(int(f), n, indices)
 
     @numba.njit(nogil=True, cache=False)
     def _cubic_at(coef, cx, cy, cz, scratch):  # pragma: no cover - compiled
@@ -189,8 +200,10 @@ def affine_transform(volume, matrix, order: int, cval: float, output) -> np.ndar
         transform(volume, linear, offset, float(cval), output, linear_at, scratch)
     else:
         # scipy's own prefilter (float64, mirror-extended as for mode="constant")
-        coef = ndi.spline_filter(volume, order=3, output=np.float64, mode="constant")
-        transform(np.asfortranarray(coef), linear, offset, float(cval), output, cubic_at, scratch)
+        # (written straight into a Fortran-ordered array: the loop walks x fastest)
+        coef = np.empty(volume.shape, dtype=np.float64, order="F")
+        ndi.spline_filter(volume, order=3, output=coef, mode="constant")
+        transform(coef, linear, offset, float(cval), output, cubic_at, scratch)
     return output
 
 
@@ -245,7 +258,7 @@ def _build_sampler():
             else:
                 gradient[p, 2] = 0.0
 
-    _mirror = _mirror_kernel()
+    _indices = _mirror_kernel()[1]
 
     @numba.njit(nogil=True, cache=False, inline="always")
     def _cubic_axis(c, n, weights, slopes, indices):  # pragma: no cover - compiled
@@ -262,8 +275,7 @@ def _build_sampler():
         slopes[1] = 1.5 * t * t - 2.0 * t
         slopes[2] = -1.5 * t * t + t + 0.5
         slopes[3] = 0.5 * t * t
-        for a in range(4):
-            indices[a] = _mirror(int(f) - 1 + a, n)
+        _indices(int(f), n, indices)
 
     @numba.njit(nogil=True, cache=False)
     def _sample_cubic(coef, points, linear, offset, values, gradient):  # pragma: no cover
@@ -281,17 +293,17 @@ def _build_sampler():
             _cubic_axis(vy, ny, w[1], s[1], ix[1])
             _cubic_axis(vz, nz, w[2], s[2], ix[2])
             value = gx = gy = gz = 0.0
-            for c in range(4):
+            for a in range(4):  # C order: the innermost loop walks z, contiguous
                 for b in range(4):
                     line = dline = 0.0
-                    for a in range(4):
+                    for c in range(4):
                         coefficient = coef[ix[0, a], ix[1, b], ix[2, c]]
-                        line += coefficient * w[0, a]
-                        dline += coefficient * s[0, a]
-                    value += line * w[1, b] * w[2, c]
-                    gx += dline * w[1, b] * w[2, c]
-                    gy += line * s[1, b] * w[2, c]
-                    gz += line * w[1, b] * s[2, c]
+                        line += coefficient * w[2, c]
+                        dline += coefficient * s[2, c]
+                    value += line * w[0, a] * w[1, b]
+                    gx += line * s[0, a] * w[1, b]
+                    gy += line * w[0, a] * s[1, b]
+                    gz += dline * w[0, a] * w[1, b]
             values[p] = value
             if want:
                 # outside the grid the sample is clamped: no slope across the edge
@@ -506,6 +518,45 @@ def mattes_terms(moving, slopes, fixed_bins, low, width, bins, points):
     return float(mi), sums
 
 
+@functools.cache
+def _build_block_mean():
+    import numba
+
+    @numba.njit(nogil=True, cache=False)
+    def _block_mean(image, factor, out):  # pragma: no cover - compiled
+        nx, ny, nz = image.shape
+        bx, by, bz = out.shape
+        scale = 1.0 / factor**3
+        for i in range(bx):
+            for j in range(by):
+                for k in range(bz):
+                    total = 0.0
+                    for a in range(factor):
+                        x = min(i * factor + a, nx - 1)  # edge padding
+                        for b in range(factor):
+                            y = min(j * factor + b, ny - 1)
+                            for c in range(factor):
+                                total += image[x, y, min(k * factor + c, nz - 1)]
+                    out[i, j, k] = total * scale
+
+    return _block_mean
+
+
+def block_mean(image, factor: int) -> np.ndarray:
+    """Float32 means of cubic blocks of ``factor`` voxels a side, the image edge-padded
+    to fit: :func:`nidask.ops.resample.block_mean`, compiled (sums in float64)."""
+    with _BUILD_LOCK:
+        kernel = _build_block_mean()
+    image = np.asarray(image)
+    if image.dtype not in (np.float32, np.float64):
+        image = image.astype(np.float32)
+    if image.flags.f_contiguous and not image.flags.c_contiguous:
+        return block_mean(image.T, factor).T  # the kernel walks memory in C order
+    out = np.empty(tuple(-(-s // factor) for s in image.shape), dtype=np.float32)
+    kernel(image, int(factor), out)
+    return out
+
+
 def warm_up() -> None:
     """Compile every kernel now, for the dtypes the estimator uses (no-op without numba).
 
@@ -521,8 +572,12 @@ def warm_up() -> None:
     for data in (volume, (volume * 100).astype(np.int16)):
         for order in INTERPOLATION_ORDERS:
             affine_transform(data, identity, order, 0.0, np.empty(data.shape, np.float32))
+            # into a box of a Fortran-ordered output (a resampled series' ``box``)
+            boxed = np.empty((8, 8, 8, 1), np.float32, order="F")[1:7, 1:7, 1:7, 0]
+            affine_transform(data, identity, order, 0.0, boxed)
     points = rng.random((16, 3)) * 6
     for order in INTERPOLATION_ORDERS:
         values, slopes = sample_points(volume, points, identity[:3, :3], np.zeros(3), True, order)
     ncc_terms(values, slopes, np.full(16, 1 / 16), values - values.mean(), points)
+    block_mean(volume, 2)
     mattes_terms(values, slopes, np.zeros(16, np.intp), 0.0, 1.0, 4, points)

@@ -295,14 +295,16 @@ def real_anatomy(
     affine: np.ndarray,
     zooms: float = 2.0,
     seed: int = 0,
+    shape3d: tuple | None = None,
 ) -> RealAnatomy:
     """Tissue classes of a real scan, regridded to ``zooms`` mm, as a brain model.
 
     ``b0`` and ``weighted`` (one diffusion-weighted volume at ``bvalue``) are the
     scan's images on the grid of ``affine`` (heudiconv's Siemens DWI, as dcm2niix
     writes it, is what the benchmarks use).  The new grid keeps the scan's
-    orientation (an oblique LAS image stays one), covers the head with a margin, and
-    is sampled from the scan smoothed to the new voxel size.  CSF is where the
+    orientation (an oblique LAS image stays one), covers the head with a margin (or,
+    with ``shape3d``, has that shape, centred on the head), and is sampled from the
+    scan smoothed to the new voxel size.  CSF is where the
     apparent diffusivity is high; white matter is the darker tissue of the
     T2-weighted b=0 (its 25th to 65th percentile ramp); the rest of the brain is grey
     matter, and signal outside the brain is scalp.  The b=0 signal ``s0`` is the
@@ -319,9 +321,14 @@ def real_anatomy(
     corners = np.array(np.nonzero(head)).T
     low, high = corners.min(axis=0), corners.max(axis=0)
     extent = (high - low) * old_zooms + 8.0  # mm, 4 mm of margin each side
-    shape3d = tuple(int(np.ceil(e / zooms)) for e in extent)
+    margin = np.full(3, 4.0 / zooms)  # new voxels between the grid's corner and the head's
+    if shape3d is None:
+        shape3d = tuple(int(np.ceil(e / zooms)) for e in extent)
+    else:
+        shape3d = tuple(int(v) for v in shape3d)
+        margin = (np.array(shape3d) - 1 - (high - low) * old_zooms / zooms) / 2
     new = affine[:3, :3] / old_zooms * zooms
-    start = affine[:3, :3] @ low + affine[:3, 3] - new @ np.full(3, 4.0 / zooms)
+    start = affine[:3, :3] @ low + affine[:3, 3] - new @ margin
     new_affine = np.eye(4)
     new_affine[:3, :3], new_affine[:3, 3] = new, start
     voxel = np.linalg.inv(affine) @ new_affine
