@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _results import print_saved, save_and_print
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 PE = "j-"
@@ -230,15 +232,9 @@ def main(argv=None) -> int:
     p.add_argument("--table", help="print the table of a results file and exit")
     args = p.parse_args(argv)
     if args.table:
-        with open(args.table) as f:
-            print(table(json.load(f)))
-        return 0
+        return print_saved(args.table, table)
     results = run(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
-    print(table(results))
-    return 0
+    return save_and_print(results, args.out, table)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ import numpy as np
 
 import protocol_suite as ps
 import scale_suite
+from _results import print_saved, save_and_print
 
 HERE = Path(__file__).resolve().parent
 SHAPE = (145, 174, 145, 288)
@@ -152,7 +153,7 @@ def run(args) -> dict:
     affine, shape3d = img.affine, img.shape[:3]
     bvals = np.loadtxt(companions["bval"]).ravel()
     mask = np.asarray(nb.load(companions["mask"]).dataobj) > 0
-    out = work / "nidask"
+    out = work / f"nidask-{args.anatomy}"
     if out.exists():
         raise SystemExit(f"{out}: remove the previous run first")
     record = run_nidask(image, companions, out)
@@ -263,15 +264,9 @@ def main(argv=None) -> int:
     p.add_argument("--table", metavar="JSON", help="print the tables of a saved run")
     args = p.parse_args(argv)
     if args.table:
-        with open(args.table) as f:
-            print(table(json.load(f)))
-        return 0
+        return print_saved(args.table, table)
     results = run(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
-    print(table(results))
-    return 0
+    return save_and_print(results, args.out, table)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from _results import print_saved, save_and_print
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -186,7 +187,7 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--series", default="c", help="protocols of protocol_suite.py, a,b,...")
     parser.add_argument("--dropped", type=int, default=8)
@@ -194,13 +195,10 @@ def main() -> None:
     parser.add_argument("--table", help="print the table of a results file and stop")
     args = parser.parse_args()
     if args.table:
-        print(table(json.loads(Path(args.table).read_text())))
-        return
+        return print_saved(args.table, table)
     results = [measure(key, args.dropped) for key in args.series.split(",")]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
-    print(table(results))
+    return save_and_print(results, args.out, table)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _results import print_saved, save_and_print
+
 HERE = Path(__file__).resolve().parent
 SNR = 25.0
 #: key -> (label, b=0 volumes, diffusion-weighted volumes, shells, one b=0 every)
@@ -388,20 +390,14 @@ def main(argv=None) -> int:
     p.add_argument("--table", metavar="JSON", help="print the table of a saved run")
     args = p.parse_args(argv)
     if args.table:
-        with open(args.table) as f:
-            print(table(json.load(f)))
-        return 0
+        return print_saved(args.table, table)
     args.series = [s for s in args.series.split(",") if s]
     args.motion = [m for m in args.motion.split(",") if m]
     unknown = set(args.series) - set(PROTOCOLS) | set(args.motion) - {"random", "mcflirt"}
     if unknown:
         p.error(f"unknown series or motion: {', '.join(sorted(unknown))}")
     results = run(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
-    print(table(results))
-    return 0
+    return save_and_print(results, args.out, table)
 
 
 if __name__ == "__main__":

@@ -124,16 +124,12 @@ with dask.config.set({"nidask.chunk-size": int(budget), "num_workers": 2}):
 """
 
 
-def test_b0_median_memory_does_not_grow_with_the_b0_count(tmp_path):
-    """A DWI's b=0 median is read slab by slab: 60 b=0 volumes stay within the budget.
-
-    Taken in one task, as it was, the median held every b=0 volume and two copies of
-    them (about 400 MB here); an HCP series' 18 b=0 volumes added 250 MB to a run.
-    """
+def _many_b0_series(tmp_path, shape=(96, 96, 60), n_b0=60, n_dw=6):
+    """A float32 DWI of ``n_b0`` noisy b=0 volumes (N(100, 10)) and a few others, written
+    volume by volume; its image, .bvec and .bval paths."""
     import nibabel as nb
     import numpy as np
 
-    shape, n_b0, n_dw = (96, 96, 60), 60, 6
     rng = np.random.default_rng(0)
     bvals = np.r_[np.zeros(n_b0), np.full(n_dw, 1000.0)]
     bvecs = np.c_[np.zeros((3, n_b0)), np.eye(3)[:, [0, 1, 2, 0, 1, 2]]]
@@ -148,7 +144,17 @@ def test_b0_median_memory_does_not_grow_with_the_b0_count(tmp_path):
             f.write(rng.normal(100.0, 10.0, shape).astype("<f4").tobytes(order="F"))
     np.savetxt(tmp_path / "dwi.bval", bvals[None], fmt="%g")
     np.savetxt(tmp_path / "dwi.bvec", bvecs, fmt="%g")
-    paths = [image, tmp_path / "dwi.bvec", tmp_path / "dwi.bval", tmp_path / "out.npy"]
+    return [image, tmp_path / "dwi.bvec", tmp_path / "dwi.bval"]
+
+
+def test_b0_median_memory_does_not_grow_with_the_b0_count(tmp_path):
+    """A DWI's b=0 median is read slab by slab: 60 b=0 volumes stay within the budget.
+
+    Taken in one task, as it was, the median held every b=0 volume and two copies of
+    them (about 400 MB here); an HCP series' 18 b=0 volumes added 250 MB to a run.
+    """
+    shape, n_b0 = (96, 96, 60), 60
+    paths = [*_many_b0_series(tmp_path, shape, n_b0), tmp_path / "out.npy"]
     report = run_child(MEDIAN_CHILD, *paths, BUDGET)
     assert report["n_b0"] == n_b0
     assert abs(report["bzero_mean"] - 100.0) < 1.0  # the median of N(100, 10) noise
@@ -157,3 +163,29 @@ def test_b0_median_memory_does_not_grow_with_the_b0_count(tmp_path):
     # two threads each holding a chunk and its copy, with room to spare; the b=0
     # volumes alone (133 MB) would break it
     assert growth <= 4 * BUDGET + 16 * MIB < b0_bytes, (growth / MIB, b0_bytes / MIB)
+
+
+SNR_CHILD = r"""
+from nidask.reporting.html import b0_snr
+
+image, bvec, bval, budget = sys.argv[1:5]
+with dask.config.set({"nidask.chunk-size": int(budget)}):
+    dataset = nidask.load(image, bvec_file=bvec, bval_file=bval)
+    reset_peak()
+    baseline = status("VmRSS")
+    snr = b0_snr(dataset)
+print(json.dumps({"baseline": baseline, "peak": status("VmHWM"), **snr}))
+"""
+
+
+def test_b0_snr_of_the_qc_page_reads_a_block_at_a_time(tmp_path):
+    """The QC page's temporal SNR of 60 b=0 volumes holds a block of volumes and a few
+    float64 volumes, not the series: 43 MB here, where a reduction over every b=0
+    volume took 223 MB (and about 1 GB at HCP's grid)."""
+    shape, n_b0 = (96, 96, 60), 60
+    report = run_child(SNR_CHILD, *_many_b0_series(tmp_path, shape, n_b0), BUDGET)
+    assert report["kind"] == "temporal" and report["volumes"] == n_b0
+    assert 9.0 < report["value"] < 11.0  # 100 / 10
+    volume = shape[0] * shape[1] * shape[2]
+    growth = report["peak"] - report["baseline"]
+    assert growth <= BUDGET + 8 * 8 * volume + 16 * MIB < 4 * n_b0 * volume, growth / MIB

@@ -212,16 +212,28 @@ def predict_all_folds(
     precisions = [
         projected_precision(sigma2 * (ratio * unit + np.eye(n)), basis) for ratio in ratios
     ]
+    # Every ratio's K shares the eigenvectors V of C: with z = V' y, each voxel's
+    # y'Qy = sum d z^2 - u' G^-1 u, u = W' (d z), W = V'H, G = W' diag(d) W and
+    # d = 1 / (sigma2 (ratio lambda + 1)): one N x N product per row for all ratios.
+    eigenvalues, vectors = np.linalg.eigh(unit)
+    eigenvalues = np.clip(eigenvalues, 0.0, None)  # C is positive semi-definite
+    rotated = vectors.T @ basis
+    scales, inverse_grams = [], []
+    for ratio in ratios:
+        d = 1.0 / (sigma2 * (ratio * eigenvalues + 1.0))
+        scales.append(d)
+        inverse_grams.append(np.linalg.inv(rotated.T @ (d[:, None] * rotated)))
+    scales = np.array(scales)  # (n_ratios, N)
+    logdets = np.array([logdet for _, logdet in precisions])
     out = np.empty(data.shape, dtype=np.float32)
     for start in range(0, len(data), ROW_BLOCK):
         block = np.asarray(data[start : start + ROW_BLOCK], dtype=np.float64)
-        best = np.full(len(block), -np.inf)
-        choice = np.zeros(len(block), dtype=int)
-        for k, (q, logdet) in enumerate(precisions):
-            likelihood = -0.5 * np.einsum("vi,vi->v", block @ q, block) - 0.5 * logdet
-            better = likelihood > best
-            best[better] = likelihood[better]
-            choice[better] = k
+        z = block @ vectors
+        quadratic = (z * z) @ scales.T  # (rows, n_ratios): y' K^-1 y
+        for k, (d, inverse_gram) in enumerate(zip(scales, inverse_grams, strict=True)):
+            u = (z * d) @ rotated
+            quadratic[:, k] -= np.einsum("vs,st,vt->v", u, inverse_gram, u)
+        choice = np.argmax(-0.5 * quadratic - 0.5 * logdets, axis=1)
         for k, (q, _) in enumerate(precisions):
             rows = np.flatnonzero(choice == k)
             if len(rows):

@@ -148,6 +148,25 @@ def _foreground(image: np.ndarray) -> np.ndarray:
     return np.isfinite(image) & (image > 0.2 * top)
 
 
+def _mean_and_std(series) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel-wise mean and standard deviation (``ddof=1``) over the volumes of a 4D
+    dask array, one block of volumes at a time (a reduction tree would hold a partial
+    volume per block at once)."""
+    total = np.zeros(series.shape[:3])
+    squares = np.zeros(series.shape[:3])
+    for k in range(series.numblocks[3]):  # a block of whole volumes: the chunk budget
+        block = series.blocks[:, :, :, k].compute()
+        for i in range(block.shape[3]):
+            volume = block[..., i].astype(np.float64)
+            total += volume
+            squares += volume * volume
+    n = series.shape[3]
+    mean = np.divide(total, n, out=total)
+    variance = np.subtract(squares, n * mean * mean, out=squares)
+    np.maximum(variance, 0.0, out=variance)
+    return mean.astype(np.float32), np.sqrt(variance / (n - 1)).astype(np.float32)
+
+
 def b0_snr(dwi) -> dict | None:
     """SNR of a DWI's b=0 volumes, as acquired (before correction).
 
@@ -169,7 +188,6 @@ def b0_snr(dwi) -> dict | None:
         e.g. a noiseless background), ``volumes`` (b=0 volumes used) and ``mask``
         (``brain mask`` or ``intensity threshold``); ``None`` without any b=0 volume.
     """
-    import dask
     import dask.array as da
 
     b0s = getattr(dwi, "b0s", None)
@@ -183,8 +201,7 @@ def b0_snr(dwi) -> dict | None:
     n = b0s.shape[3]
     mask = dwi.brainmask
     if n >= 2:
-        data = b0s.astype(np.float32)
-        mean, std = dask.compute(data.mean(axis=3), data.std(axis=3, ddof=1))
+        mean, std = _mean_and_std(b0s)
         inside = mask if mask is not None else _foreground(mean)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = mean[inside] / std[inside]
