@@ -338,8 +338,10 @@ class RigidRegistration:
         plus :data:`CROP_MARGIN_MM` and the support of the smoothing and the cubic
         spline; its corner sits on a multiple of every level's factor, so the block
         grids are those of the whole image.  Every level then filters, averages and
-        interpolates only this box: what the optimiser samples is unchanged unless it
-        moves more than the margin beyond its start.
+        interpolates only this box: the samples are the whole image's unless the
+        optimiser moves more than the margin beyond its start (or, at a coarse level
+        smoothed by more than the margin, within the smoothing's reach of the box's
+        edge).
         """
         nonzero = np.nonzero(mask)
         low = np.array([int(v.min()) for v in nonzero])
