@@ -3,6 +3,7 @@
     python benchmarks/protocol_suite.py [--series a,b,c,d,e,f,g] [--motion random,mcflirt]
         [--skip-ants] [--ants-volumes N] [--out benchmarks/results/protocols.json]
     python benchmarks/protocol_suite.py --table benchmarks/results/protocols.json
+    python benchmarks/protocol_suite.py --contrast-floor [--out ...]
 
 The anatomy is heudiconv's whole-brain Siemens DWI (``tests/data/b0dwiForFmap``,
 converted by the dcm2niix package's executable): its b=0 and b=1500 images give
@@ -28,6 +29,15 @@ median translation of the centre of the field of view (mm) and rotation (degrees
 the worst mean displacement over the brain (mm), and the number of volumes whose
 mean displacement exceeds 0.5 mm without a flag.  ``NIDASK_BENCH_SRC=DIR`` runs
 nidask from a copy of ``src/``.
+
+``--contrast-floor`` measures what registration across contrasts leaves without
+noise: a series with one b=0 and :data:`FLOOR_DIRECTIONS` directions at each of
+b = 1000, 2000, 3000 and 5000, without noise, the b=0 unmoved and every other volume
+moved at random (as ``random`` above), estimated by both tools as above and scored
+against the truth without removing an offset (the b=0 fixes the frame).  Each error is
+then the offset that the tool's similarity and optimiser leave between that contrast
+and the b=0's; its part common to the diffusion-weighted volumes is what the b=0 rows
+of the main table measure once the common offset is removed.
 """
 
 from __future__ import annotations
@@ -124,6 +134,58 @@ def make_series(directory: Path, key: str, kind: str, anatomy, seed: int = 7):
     (directory / "clean").mkdir(exist_ok=True)
     clean = phantom.make_real_dwi(directory / "clean", anatomy, bvals, bvecs, motion, snr=0)
     return noisy, clean, bvals
+
+
+#: Directions per shell of the ``--contrast-floor`` series.
+FLOOR_DIRECTIONS = 8
+FLOOR_SHELLS = (1000, 2000, 3000, 5000)
+
+
+def contrast_floor(args) -> dict:
+    """Both tools on a noise-free series whose b=0 is unmoved: errors against the truth."""
+    from nidask.validation import phantom
+    from nidask.validation.evaluation import motion_errors
+
+    work = Path(tempfile.mkdtemp(prefix="nidask-floor-", dir=args.work))
+    try:
+        anatomy = load_anatomy(work)
+        rng = np.random.default_rng(7)
+        n_dw = FLOOR_DIRECTIONS * len(FLOOR_SHELLS)
+        bvals, bvecs = phantom.acquisition_scheme(1, n_dw, FLOOR_SHELLS, rng)
+        motion = protocol_motion("random", len(bvals), anatomy, rng)
+        motion[bvals < 50] = np.eye(4)  # the b=0 in the truth's frame: no offset to remove
+        series = phantom.make_real_dwi(work, anatomy, bvals, bvecs, motion, snr=0)
+        estimates = {"nidask anchor": run_nidask(series, work / "nidask", args.workers, 0)[1]}
+        if not args.skip_ants:
+            everything = np.arange(len(bvals))
+            estimates["ANTs to b0"] = run_ants(series, work, bvals, args.workers, everything)[1]
+        results = {"shells": [float(b) for b in FLOOR_SHELLS], "tools": {}}
+        shells = np.round(bvals, -2)
+        for tool, matrices in estimates.items():
+            if matrices is None:
+                continue
+            errors = motion_errors(matrices, motion, series.affine, anatomy.shape3d, align=False)
+            translation = np.asarray(errors["translation_mm"])
+            rotation = np.asarray(errors["rotation_deg"])
+            results["tools"][tool] = {
+                f"b={b:g}": {
+                    "translation_mm_median": float(np.median(translation[shells == b])),
+                    "rotation_deg_median": float(np.median(rotation[shells == b])),
+                }
+                for b in FLOOR_SHELLS
+            }
+        return results
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def floor_table(results: dict) -> str:
+    """Median offset (mm / deg) of each shell's volumes from the b=0, per tool."""
+    shells = [f"b={b:g}" for b in results["shells"]]
+    lines = ["| tool | " + " | ".join(shells) + " |", "|---|" + "---|" * len(shells)]
+    for tool, cells in results["tools"].items():
+        lines.append(f"| {tool} | " + " | ".join(_cell(cells, s) for s in shells) + " |")
+    return "\n".join(lines)
 
 
 def bounds(noisy, clean, mask) -> np.ndarray:
@@ -386,18 +448,26 @@ def main(argv=None) -> int:
     )
     p.add_argument("--workers", type=int, default=2, help="threads per tool (default 2)")
     p.add_argument("--work", default=None, help="where series are written (default: temp)")
-    p.add_argument("--out", default=str(HERE / "results" / "protocols.json"))
+    p.add_argument("--out", help="results (default results/protocols.json)")
     p.add_argument("--table", metavar="JSON", help="print the table of a saved run")
+    p.add_argument(
+        "--contrast-floor",
+        action="store_true",
+        help="both tools on a noise-free series (the offset left between contrasts)",
+    )
     args = p.parse_args(argv)
     if args.table:
-        return print_saved(args.table, table)
+        return print_saved(args.table, lambda r: (floor_table if "tools" in r else table)(r))
+    if args.contrast_floor:
+        out = args.out or HERE / "results" / "contrast_floor.json"
+        return save_and_print(contrast_floor(args), out, floor_table)
     args.series = [s for s in args.series.split(",") if s]
     args.motion = [m for m in args.motion.split(",") if m]
     unknown = set(args.series) - set(PROTOCOLS) | set(args.motion) - {"random", "mcflirt"}
     if unknown:
         p.error(f"unknown series or motion: {', '.join(sorted(unknown))}")
     results = run(args)
-    return save_and_print(results, args.out, table)
+    return save_and_print(results, args.out or HERE / "results" / "protocols.json", table)
 
 
 if __name__ == "__main__":
