@@ -18,15 +18,7 @@ import sys
 import threading
 import time
 
-from _peak import maxrss_mb
-
-
-def status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from _peak import maxrss_mb, status_mb
 
 
 def main() -> int:

@@ -11,6 +11,19 @@ import resource
 import sys
 
 
+def status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (``VmHWM``, ``RssAnon``...) in MiB; NaN
+    where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def maxrss_mb() -> float:
     """Peak RSS of this process in MiB: ``VmHWM`` of /proc/self/status.
 
@@ -19,13 +32,9 @@ def maxrss_mb() -> float:
     parent reports the parent's peak.  ``VmHWM`` belongs to the address space that
     exec creates, so it starts from zero.
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    peak = status_mb("VmHWM")
+    if peak == peak:  # not NaN
+        return peak
     # elsewhere ru_maxrss is the best there is (KiB on Linux, bytes on macOS)
     scale = 2**20 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale

@@ -174,9 +174,7 @@ def run(args) -> dict:
         plain = Path(image[: -len(".gz")])  # ANTs reads volumes one by one: no gzip
         if not plain.exists():
             nb.save(nb.load(image), plain)
-        series = type("Series", (), {"image": str(plain), "companions": {}})()
-        series.companions = {"bval_file": companions["bval"], "brainmask_file": companions["mask"]}
-        ants, matrices = run_ants(series, work, volumes, args.workers)
+        ants, matrices = run_ants(plain, companions, work, volumes, args.workers)
         results["ants"] = ants
         if matrices is not None:
             results["tools"]["ANTs Rigid (antspyx defaults)"] = {
@@ -187,24 +185,14 @@ def run(args) -> dict:
     return results
 
 
-def run_ants(series, work: Path, volumes, workers: int):
+def run_ants(image: Path, companions: dict, work: Path, volumes, workers: int):
     """``peer_ants.py --transform antspy:Rigid`` on ``volumes`` of the whole series."""
-    python = os.environ.get("NIDASK_PEER_PYTHON_BIN") or str(
-        Path(os.environ.get("NIDASK_PEER_VENV", Path.home() / ".cache/nidask/nifreeze-venv"))
-        / "bin"
-        / "python"
-    )
     matrices = work / "ants.npy"
-    cmd = [python, str(HERE / "peer_ants.py"), "--nii", series.image]
-    cmd += [
-        "--bval",
-        series.companions["bval_file"],
-        "--mask",
-        series.companions["brainmask_file"],
-    ]
+    cmd = [ps.peer_python(), str(HERE / "peer_ants.py"), "--nii", str(image)]
+    cmd += ["--bval", companions["bval"], "--mask", companions["mask"]]
     cmd += ["--out", str(matrices), "--threads", str(workers), "--seed", "1234"]
     cmd += ["--transform", "antspy:Rigid", "--volumes", ",".join(str(int(v)) for v in volumes)]
-    record = ps._child(cmd)
+    record = ps.child_json(cmd)
     return record, (None if "error" in record else np.load(matrices))
 
 

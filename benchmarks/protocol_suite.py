@@ -203,7 +203,8 @@ def bounds(noisy, clean, mask) -> np.ndarray:
     return np.array(out)
 
 
-def _child(cmd, env=None) -> dict:
+def child_json(cmd, env=None) -> dict:
+    """Run ``cmd``; its last stdout line as JSON (plus ``child_s``), or ``{"error": ...}``."""
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -225,7 +226,7 @@ def run_nidask(
     env = dict(os.environ)
     if os.environ.get("NIDASK_BENCH_SRC"):  # a snapshot of src/ measured instead
         env["PYTHONPATH"] = os.environ["NIDASK_BENCH_SRC"]
-    record = _child(cmd, env)
+    record = child_json(cmd, env)
     if "error" in record:
         return record, None, []
     matrices = np.load(record["motion"])[np.argsort(np.load(record["index"]))]
@@ -236,14 +237,16 @@ def run_nidask(
     return record, matrices, flags
 
 
+def peer_python() -> str:
+    """The peer venv's interpreter (``NIDASK_PEER_PYTHON_BIN``, else ``NIDASK_PEER_VENV``'s)."""
+    venv = os.environ.get("NIDASK_PEER_VENV", Path.home() / ".cache/nidask/nifreeze-venv")
+    return os.environ.get("NIDASK_PEER_PYTHON_BIN") or str(Path(venv) / "bin" / "python")
+
+
 def run_ants(series, out: Path, bvals, workers: int, volumes) -> tuple[dict, object]:
     import nibabel as nb
 
-    python = os.environ.get("NIDASK_PEER_PYTHON_BIN") or str(
-        Path(os.environ.get("NIDASK_PEER_VENV", Path.home() / ".cache/nidask/nifreeze-venv"))
-        / "bin"
-        / "python"
-    )
+    python = peer_python()
     if not Path(python).exists():
         return {"error": f"no peer venv python at {python}"}, None
     image, bval = series.image, series.companions["bval_file"]
@@ -258,7 +261,7 @@ def run_ants(series, out: Path, bvals, workers: int, volumes) -> tuple[dict, obj
     cmd = [python, str(HERE / "peer_ants.py"), "--nii", image, "--bval", bval]
     cmd += ["--mask", series.companions["brainmask_file"], "--out", str(matrices)]
     cmd += ["--threads", str(workers), "--seed", "1234"]
-    record = _child(cmd)
+    record = child_json(cmd)
     return record, (None if "error" in record else np.load(matrices))
 
 

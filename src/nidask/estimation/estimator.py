@@ -777,6 +777,7 @@ class Estimator:
         grown_path = os.path.join(workdir, "grown.npy")
         if not os.path.exists(grown_path):
             save_array(grown_path, grow_mask(mask))
+        rows = mask_index(np.load(grown_path))  # the voxel-major data's rows
         interior = os.path.join(workdir, "interior.npy")
         if not os.path.exists(interior):
             save_array(interior, interior_rows(mean_volume(raw), mask))
@@ -789,7 +790,7 @@ class Estimator:
             def write_image(path, image=image):  # computed only when not recorded yet
                 volume = np.asarray(dask.compute(image)[0], dtype=np.float32)
                 # the same (Fortran) voxel order as the voxel-major data and predictions
-                values = volume.ravel(order="F")[mask_index(grow_mask(mask))]
+                values = volume.ravel(order="F")[rows]
                 write_vector(path, values)
 
             voxel_meta[name] = self._step(os.path.join(workdir, f"{name}.npy"), write_image)
@@ -828,7 +829,9 @@ class Estimator:
         meta = source.volume_meta()  # b-vectors rotated with the previous estimates
         voxels = self._step(
             os.path.join(folder, "voxels.npy"),
-            lambda t: write_voxel_major(training, grow_mask(run.mask), t, progress=self.progress),
+            lambda t: write_voxel_major(
+                training, np.load(run.grown_path), t, progress=self.progress
+            ),
         )
         prepare = getattr(model, "prepare", None)
         if prepare is not None:
